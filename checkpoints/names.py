@@ -1,0 +1,132 @@
+"""THE map between Hugging Face / DeepSeek tensor names and the model's tree.
+
+One `Entry` per hub tensor: its name, the path of the model variable it fills, how to reshape it,
+and (for routed experts) which slice of the stacked [E, ...] array it is. The converter, the exporter
+and the parity tests all use this table; nothing else knows a hub name.
+
+Hub linear weights are [out, in]; our kernels are [in, *out] (q_b_proj [Q,N,H+R], kv_b_proj [C,N,H+Hv],
+o_proj [N,Hv,D], experts [E,D,F] / [E,F,D], router [D,E]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterator
+
+import numpy as np
+
+from mla_jax.config import Config
+
+Path = tuple  # e.g. ("layers", 3, "self_attn", "q_b_proj", "kernel")
+
+# How a hub tensor becomes our array: "linear" transposes [out,in] -> [in,out] then reshapes out;
+# "out_proj" transposes [D, N·Hv] -> [N·Hv, D] then splits heads; "copy" keeps it as it is.
+LINEAR, OUT_PROJ, COPY = "linear", "out_proj", "copy"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf: str
+    path: Path
+    kind: str
+    expert: int | None = None  # index along the stacked expert axis
+
+
+def _linear(prefix: str, path: Path, bias: bool) -> list[Entry]:
+    out = [Entry(f"{prefix}.weight", (*path, "kernel"), LINEAR)]
+    if bias:
+        out.append(Entry(f"{prefix}.bias", (*path, "bias"), COPY))
+    return out
+
+
+def _mlp(prefix: str, path: Path, bias: bool) -> list[Entry]:
+    return [e for name in ("gate_proj", "up_proj", "down_proj") for e in _linear(f"{prefix}.{name}", (*path, name), bias)]
+
+
+def layer_entries(config: Config, i: int) -> list[Entry]:
+    c = config
+    p, hp = ("layers", i), f"model.layers.{i}"
+    a, ha = (*p, "self_attn"), f"{hp}.self_attn"
+    out = [Entry(f"{hp}.input_layernorm.weight", (*p, "input_layernorm", "weight"), COPY)]
+    if c.q_lora_rank is None:
+        out += _linear(f"{ha}.q_proj", (*a, "q_proj"), False)
+    else:
+        out += _linear(f"{ha}.q_a_proj", (*a, "q_a_proj"), c.attention_bias)
+        out.append(Entry(f"{ha}.q_a_layernorm.weight", (*a, "q_a_layernorm", "weight"), COPY))
+        out += _linear(f"{ha}.q_b_proj", (*a, "q_b_proj"), False)
+    out += _linear(f"{ha}.kv_a_proj_with_mqa", (*a, "kv_a_proj_with_mqa"), c.attention_bias)
+    out.append(Entry(f"{ha}.kv_a_layernorm.weight", (*a, "kv_a_layernorm", "weight"), COPY))
+    out += _linear(f"{ha}.kv_b_proj", (*a, "kv_b_proj"), False)
+    out.append(Entry(f"{ha}.o_proj.weight", (*a, "o_proj", "kernel"), OUT_PROJ))
+    if c.attention_bias:
+        out.append(Entry(f"{ha}.o_proj.bias", (*a, "o_proj", "bias"), COPY))
+    out.append(Entry(f"{hp}.post_attention_layernorm.weight", (*p, "post_attention_layernorm", "weight"), COPY))
+    m, hm = (*p, "mlp"), f"{hp}.mlp"
+    if not c.is_moe_layer(i):
+        return out + _mlp(hm, m, c.mlp_bias)
+    out.append(Entry(f"{hm}.gate.weight", (*m, "gate"), LINEAR))
+    if c.topk_method == "noaux_tc":
+        out.append(Entry(f"{hm}.gate.e_score_correction_bias", (*m, "e_score_correction_bias"), COPY))
+    for e in range(c.n_routed_experts):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out.append(Entry(f"{hm}.experts.{e}.{name}.weight", (*m, "experts", name), LINEAR, expert=e))
+    if c.n_shared_experts > 0:
+        out += _mlp(f"{hm}.shared_experts", (*m, "shared_experts"), c.mlp_bias)
+    return out
+
+
+def entries(config: Config) -> Iterator[Entry]:
+    """Every hub tensor of the model (MTP layers excluded), layer by layer as the hub stores them."""
+    yield Entry("model.embed_tokens.weight", ("embed_tokens",), COPY)
+    for i in range(config.num_hidden_layers):
+        yield from layer_entries(config, i)
+    yield Entry("model.norm.weight", ("norm", "weight"), COPY)
+    if not config.tie_word_embeddings:
+        yield Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_of(hf_name: str) -> int | None:
+    m = _LAYER.match(hf_name)
+    return int(m.group(1)) if m else None
+
+
+def is_mtp(hf_name: str, config: Config) -> bool:
+    """Tensors of DeepSeek's multi-token-prediction module (layers numbered past the last one)."""
+    layer = layer_of(hf_name)
+    return layer is not None and layer >= config.num_hidden_layers
+
+
+def to_ours(entry: Entry, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Hub tensor -> our array of `shape` (for an expert entry: the shape of one expert's slice)."""
+    expected = hub_shape(entry, shape)
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"{entry.hf}: shape {tuple(tensor.shape)} disagrees with config.json, which implies {expected}")
+    out = tensor if entry.kind == COPY else tensor.T
+    return np.ascontiguousarray(out.reshape(shape))
+
+
+def to_hub(entry: Entry, array: np.ndarray) -> np.ndarray:
+    """Our array (an expert's slice for expert entries) -> the hub tensor."""
+    if entry.kind == COPY:
+        return np.ascontiguousarray(array)
+    if entry.kind == LINEAR:
+        return np.ascontiguousarray(array.reshape(array.shape[0], -1).T)
+    if entry.kind == OUT_PROJ:
+        return np.ascontiguousarray(array.reshape(-1, array.shape[-1]).T)
+    raise AssertionError(entry.kind)
+
+
+def hub_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The hub tensor shape that corresponds to our (per-expert) `shape`."""
+    shape = tuple(int(d) for d in shape)
+    if entry.kind == COPY:
+        return shape
+    if entry.kind == LINEAR:
+        return (int(np.prod(shape[1:])), shape[0])
+    if entry.kind == OUT_PROJ:
+        return (shape[-1], int(np.prod(shape[:-1])))
+    raise AssertionError(entry.kind)

@@ -1,0 +1,107 @@
+"""Hub state dicts <-> the model, in memory, through the one name map.
+
+`assemble` walks the map variable by variable (stacking routed experts) and pulls each hub tensor
+through a getter, so the streaming converter and the in-memory loader share one code path.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from checkpoints import names
+from mla_jax.config import Config
+from mla_jax.model import Transformer
+
+
+def abstract_model(config: Config, param_dtype=jnp.float32) -> Transformer:
+    """The model with shapes and dtypes only: no memory is allocated for weights."""
+    return nnx.eval_shape(lambda: Transformer(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def variable_at(model: nnx.Module, path: names.Path) -> nnx.Variable:
+    obj = model
+    for key in path:
+        obj = obj[key] if isinstance(key, int) else getattr(obj, key)
+    if not isinstance(obj, nnx.Variable):
+        raise KeyError(f"{'.'.join(map(str, path))} is not a model variable")
+    return obj
+
+
+def _as_numpy(tensor) -> np.ndarray:
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    if hasattr(tensor, "detach"):  # a torch tensor; torch itself is never imported here
+        t = tensor.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            return t.float().numpy().astype(jnp.bfloat16)
+        return t.numpy()
+    return np.asarray(tensor)
+
+
+def _by_variable(entries) -> Iterator[tuple[names.Path, list[names.Entry]]]:
+    """Groups entries per variable; the experts of one layer interleave, so group per layer."""
+    for _, layer_entries in itertools.groupby(entries, key=lambda e: e.path[:2] if e.path[0] == "layers" else e.path):
+        groups: dict[names.Path, list[names.Entry]] = {}
+        for e in layer_entries:
+            groups.setdefault(e.path, []).append(e)
+        yield from groups.items()
+
+
+def assemble(
+    config: Config, model: nnx.Module, get: Callable[[str], np.ndarray]
+) -> Iterator[tuple[names.Path, np.ndarray, list[names.Entry]]]:
+    """Yields (path, array in our layout, entries used) for every variable, in hub order.
+
+    `model` (abstract is enough) gives each variable's shape; `get(hf_name)` returns a hub tensor.
+    """
+    for path, group in _by_variable(names.entries(config)):
+        shape = tuple(variable_at(model, path).shape)
+        if group[0].expert is None:
+            (entry,) = group
+            yield path, names.to_ours(entry, _as_numpy(get(entry.hf)), shape), group
+        else:
+            slices = [names.to_ours(e, _as_numpy(get(e.hf)), shape[1:]) for e in group]
+            yield path, np.stack(slices), group
+
+
+def load_state_dict(
+    config: Config, tensors: Mapping[str, object], *, param_dtype=jnp.float32
+) -> Transformer:
+    """A concrete model from a hub state dict (numpy arrays or torch tensors), checked strictly.
+
+    Missing and unexpected tensors are errors; the MTP module's tensors (layers past the last) are
+    ignored, as the model does not run them.
+    """
+    model = abstract_model(config, param_dtype)
+    used: set[str] = set()
+
+    def get(name: str):
+        if name not in tensors:
+            raise KeyError(f"tensor {name!r} missing from the state dict")
+        used.add(name)
+        return tensors[name]
+
+    for path, array, _ in assemble(config, model, get):
+        var = variable_at(model, path)
+        var.value = jnp.asarray(array, dtype=var.dtype)
+    unexpected = sorted(k for k in tensors if k not in used and not names.is_mtp(k, config))
+    if unexpected:
+        raise KeyError(f"unexpected tensor(s) in the state dict: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    return model
+
+
+def state_dict(model: Transformer) -> dict[str, np.ndarray]:
+    """The hub state dict of a model (per-expert names, [out,in] linear weights)."""
+    out: dict[str, np.ndarray] = {}
+    for entry in names.entries(model.config):
+        array = np.asarray(jax.device_get(variable_at(model, entry.path).value))
+        if entry.expert is not None:
+            array = array[entry.expert]
+        out[entry.hf] = names.to_hub(entry, array)
+    return out

@@ -1,0 +1,87 @@
+"""Small parameter holders shared by the model: linear maps, RMSNorm, the SwiGLU MLP.
+
+Kernels are stored input-first ([in, *out]); a hub `nn.Linear` weight [out, in] maps to them by a
+transpose and reshape in `checkpoints.names`. Dimensions: D model, F hidden, and any out shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+class RouterBias(nnx.Variable):
+    """`e_score_correction_bias`: steered by the aux-loss-free update, never by gradients."""
+
+
+class Linear(nnx.Module):
+    """x [..., in] -> [..., *out_shape]; kernel [in, *out_shape], optional bias [*out_shape]."""
+
+    def __init__(self, in_features: int, out_shape: int | tuple[int, ...], *, bias: bool = False,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        self.in_features, self.out_shape = in_features, out_shape
+        init = jax.nn.initializers.normal(INIT_STD)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, *out_shape), param_dtype))
+        self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        y = jnp.tensordot(x.astype(kernel.dtype), kernel, axes=((x.ndim - 1,), (0,)))
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class OutProj(nnx.Module):
+    """Per-head outputs [..., N, H] -> [..., D]; kernel [N, H, D]."""
+
+    def __init__(self, heads: int, head_dim: int, out_features: int, *, bias: bool = False,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(INIT_STD)
+        self.kernel = nnx.Param(init(rngs.params(), (heads, head_dim, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        y = jnp.einsum("BTNH,NHD->BTD", x.astype(kernel.dtype), kernel)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) in float32, cast back to x's dtype, then scaled (DeepSeek's order of operations)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        weight = self.weight[...]
+        return weight * normed.astype(x.dtype).astype(weight.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int, *, bias: bool = False, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        kw = dict(bias=bias, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(dim, hidden, **kw)
+        self.up_proj = Linear(dim, hidden, **kw)
+        self.down_proj = Linear(hidden, dim, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def param_count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
