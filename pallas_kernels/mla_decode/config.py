@@ -1,0 +1,104 @@
+"""Tuning knobs of the Mosaic GPU MLA decode kernel and the heuristic picking them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# Hopper (sm90) limits the kernel plans against.
+SMEM_BYTES = 227 * 1024  # dynamic shared memory per CTA on H100/H200
+H100_SMS = 132
+WGMMA_M = 64  # rows of one warpgroup matmul: query rows (heads x new tokens) per CTA
+MAX_SPLITS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static tiling of one kernel launch.
+
+  block_kv:   cache tokens per pipeline stage; divides page_size, multiple of 16.
+  num_stages: depth of the TMA ring buffer of cache tiles (>= 1).
+  num_splits: split-KV factor (flash-decoding); each CTA handles 1/num_splits of
+              one sequence's blocks and a combine step merges the partials.
+  block_h:    query rows per CTA (the wgmma M dimension), heads x new tokens.
+  out_chunk:  columns per TMA store of the float32 partial output.
+  """
+
+  block_kv: int
+  num_stages: int
+  num_splits: int = 1
+  block_h: int = WGMMA_M
+  out_chunk: int = 64
+
+  def __post_init__(self):
+    if self.block_kv % 16 or self.block_kv <= 0 or self.block_kv > 256:
+      raise ValueError(f"{self.block_kv=} must be a multiple of 16 in [16, 256]")
+    if self.num_stages < 1:
+      raise ValueError(f"{self.num_stages=} must be >= 1")
+    if not 1 <= self.num_splits <= 1024:
+      raise ValueError(f"{self.num_splits=} must be in [1, 1024]")
+    if self.block_h != WGMMA_M:
+      raise ValueError(f"{self.block_h=} must be {WGMMA_M} (one wgmma M tile)")
+    if self.out_chunk % 8 or self.out_chunk <= 0:
+      raise ValueError(f"{self.out_chunk=} must be a positive multiple of 8")
+
+
+def smem_bytes(config: Config, *, dim: int, v_dim: int, itemsize: int,
+               table_entries: int, num_consumers: int = 2,
+               interpret: bool = False, fp8: bool = False) -> int:
+  """Shared memory one CTA of the kernel allocates for `config`."""
+  q = config.block_h * dim * 2
+  kv = config.num_stages * config.block_kv * dim * itemsize
+  if fp8:  # bf16 copy of the current tile plus per-token scales
+    kv += config.block_kv * dim * 2 + config.num_stages * config.block_kv * 4
+  p = num_consumers * config.block_h * config.block_kv * 2
+  out_chunk = min(config.out_chunk, v_dim // num_consumers)
+  o = num_consumers * config.block_h * out_chunk * 4 + config.block_h * 4
+  meta = 8 * 4 + table_entries * 4 + 64  # + barriers
+  kt = num_consumers * config.block_kv * dim * 2 if interpret else 0
+  return q + kv + p + o + meta + kt
+
+
+def num_splits_heuristic(batch: int, rows: int, capacity_blocks: int,
+                         num_sms: int = H100_SMS, min_blocks_per_split: int = 4) -> int:
+  """Split-KV factor so that batch x head-blocks x splits covers the SMs.
+
+  `capacity_blocks` is the static upper bound of cache blocks per sequence
+  (max_pages * page_size / block_kv); the kernel divides each sequence's own
+  blocks evenly between its splits at run time, so ragged batches stay balanced
+  within a sequence.
+  """
+  ctas = batch * math.ceil(rows / WGMMA_M)
+  if ctas >= num_sms or capacity_blocks <= min_blocks_per_split:
+    return 1
+  want = math.ceil(num_sms / ctas)
+  most = max(1, capacity_blocks // min_blocks_per_split)
+  return max(1, min(want, most, MAX_SPLITS))
+
+
+def default_config(*, batch: int, s_q: int, heads: int, dim: int, v_dim: int,
+                   page_size: int, max_pages: int, itemsize: int,
+                   num_sms: int = H100_SMS, interpret: bool = False,
+                   fp8: bool = False, num_splits: int | None = None) -> Config:
+  """Largest block/stage choice that fits in shared memory, then the split."""
+  table_entries = max_pages
+  candidates = [b for b in (64, 32, 16) if b <= page_size and page_size % b == 0]
+  if not candidates:
+    raise ValueError(f"{page_size=} must be a multiple of 16")
+  chosen = None
+  for stages in (3, 2):
+    for block_kv in candidates:
+      cfg = Config(block_kv=block_kv, num_stages=stages)
+      need = smem_bytes(cfg, dim=dim, v_dim=v_dim, itemsize=itemsize,
+                        table_entries=table_entries, interpret=interpret, fp8=fp8)
+      if need <= SMEM_BYTES or interpret:
+        chosen = cfg
+        break
+    if chosen is not None:
+      break
+  if chosen is None:
+    chosen = Config(block_kv=candidates[-1], num_stages=1)
+  capacity_blocks = max_pages * page_size // chosen.block_kv
+  if num_splits is None:
+    num_splits = num_splits_heuristic(batch, heads * s_q, capacity_blocks, num_sms)
+  return dataclasses.replace(chosen, num_splits=num_splits)
