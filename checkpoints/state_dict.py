@@ -89,7 +89,7 @@ def load_state_dict(
 
     for path, array, _ in assemble(config, model, get):
         var = variable_at(model, path)
-        var.value = jnp.asarray(array, dtype=var.dtype)
+        var.set_value(jnp.asarray(array, dtype=var.dtype))
     unexpected = sorted(k for k in tensors if k not in used and not names.is_mtp(k, config))
     if unexpected:
         raise KeyError(f"unexpected tensor(s) in the state dict: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
@@ -100,7 +100,7 @@ def state_dict(model: Transformer) -> dict[str, np.ndarray]:
     """The hub state dict of a model (per-expert names, [out,in] linear weights)."""
     out: dict[str, np.ndarray] = {}
     for entry in names.entries(model.config):
-        array = np.asarray(jax.device_get(variable_at(model, entry.path).value))
+        array = np.asarray(jax.device_get(variable_at(model, entry.path).get_value()))
         if entry.expert is not None:
             array = array[entry.expert]
         out[entry.hf] = names.to_hub(entry, array)
