@@ -66,8 +66,15 @@ def assemble(
             (entry,) = group
             yield path, names.to_ours(entry, _as_numpy(get(entry.hf)), shape), group
         else:
-            slices = [names.to_ours(e, _as_numpy(get(e.hf)), shape[1:]) for e in group]
-            yield path, np.stack(slices), group
+            # Fill one preallocated [E, ...] array: a list of slices plus np.stack would hold the
+            # variable twice, and the largest variables of a real model are these stacks.
+            stacked = None
+            for e in group:
+                piece = names.to_ours(e, _as_numpy(get(e.hf)), shape[1:])
+                if stacked is None:
+                    stacked = np.empty((len(group), *piece.shape), piece.dtype)
+                stacked[e.expert] = piece
+            yield path, stacked, group
 
 
 def load_state_dict(

@@ -1,0 +1,244 @@
+"""Hub tensors of a downloaded model directory, by name, each read only when asked for.
+
+`open_source(directory)` finds the weights: `model.safetensors.index.json` and its shards, loose
+`*.safetensors` (single or `-NNNNN-of-NNNNN` shards), `pytorch_model*.bin` (with or without its
+index) or a `*.pt` / `*.pth` state dict. Every file is checked before any tensor is read: missing
+shards, an index naming a missing file or a tensor its shard lacks, truncated or corrupt files,
+the same tensor in two files. Fused expert tensors that transformers keeps in memory
+(`mlp.experts.gate_up_proj` [E,2F,D], `mlp.experts.down_proj` [E,D,F]) are offered under the
+per-expert names the hub uses, as views that read only that expert's rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+from checkpoints import safetensors_io as st
+from mla_jax.store import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>safetensors|bin)$")
+_FUSED = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """One readable hub tensor: where it is, what it is, and how to read it."""
+
+    name: str
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+    # For a 3-D tensor: (i, lo, hi) -> tensor[i, lo:hi], reading only those bytes
+    rows: Callable[[int, int, int], np.ndarray] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+class Source:
+    """The hub tensors of one directory: `refs[name]` describes each; `read(name)` loads it."""
+
+    def __init__(self, directory: str, refs: dict[str, Ref], kind: str):
+        self.directory, self.refs, self.kind = directory, refs, kind
+
+    def read(self, name: str) -> np.ndarray:
+        ref = self.refs[name]
+        array = ref.read()
+        if array.dtype != ref.dtype or tuple(array.shape) != ref.shape:
+            raise CheckpointError(
+                f"{ref.file}: tensor {name!r} read as {array.dtype}{list(array.shape)}, header says {ref.dtype}{list(ref.shape)}"
+            )
+        return array
+
+
+def open_source(directory: str | os.PathLike) -> Source:
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no such directory (expected a Hugging Face model directory)")
+    if os.path.exists(os.path.join(directory, SAFETENSORS_INDEX)):
+        return _unfuse(Source(directory, _safetensors_refs(directory, _indexed_files(directory, SAFETENSORS_INDEX)), "safetensors"))
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if files:
+        _check_shard_set(directory, files)
+        return _unfuse(Source(directory, _safetensors_refs(directory, {f: None for f in files}), "safetensors"))
+    if os.path.exists(os.path.join(directory, TORCH_INDEX)):
+        return _unfuse(Source(directory, _torch_refs(_indexed_files(directory, TORCH_INDEX)), "torch"))
+    files = sorted(
+        f for pattern in ("pytorch_model*.bin", "*.pt", "*.pth") for f in glob.glob(os.path.join(directory, pattern))
+    )
+    if files:
+        _check_shard_set(directory, files)
+        return _unfuse(Source(directory, _torch_refs({f: None for f in files}), "torch"))
+    raise CheckpointError(
+        f"{directory}: no weights found (expected {SAFETENSORS_INDEX}, *.safetensors, pytorch_model*.bin or *.pt)"
+    )
+
+
+# ------------------------------------------------------------------------------- file discovery
+def _indexed_files(directory: str, index_name: str) -> dict[str, set[str]]:
+    """{shard path: names the index puts there}, every shard checked to exist."""
+    index_path = os.path.join(directory, index_name)
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid index (expected JSON with a 'weight_map' object): {e}") from None
+    files: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        files.setdefault(os.path.join(directory, shard), set()).add(name)
+    for path, names_there in files.items():
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"{index_path} maps {len(names_there)} tensor(s) (e.g. {sorted(names_there)[0]!r}) to "
+                f"{os.path.basename(path)}, which is missing from {directory}"
+            )
+    return files
+
+
+def _check_shard_set(directory: str, files: list[str]) -> None:
+    """Shards named stem-0000i-of-0000n must all be there, 1..n."""
+    groups: dict[tuple[str, str, int], set[int]] = {}
+    for f in files:
+        m = _SHARD.match(os.path.basename(f))
+        if m:
+            groups.setdefault((m["stem"], m["ext"], int(m["n"])), set()).add(int(m["i"]))
+    for (stem, ext, n), have in groups.items():
+        width = len(re.search(r"-(\d+)-of-", next(os.path.basename(f) for f in files if os.path.basename(f).startswith(stem + "-")))[1])
+        missing = [f"{stem}-{i:0{width}d}-of-{n:0{width}d}.{ext}" for i in range(1, n + 1) if i not in have]
+        if missing:
+            raise CheckpointError(f"{directory}: missing shard(s) {missing} of {n}")
+
+
+# ------------------------------------------------------------------------------- safetensors
+def _safetensors_refs(directory: str, files: dict[str, set[str] | None]) -> dict[str, Ref]:
+    refs: dict[str, Ref] = {}
+    for path, indexed in files.items():
+        try:
+            header = st.read_header(path)
+        except st.SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+        if indexed is not None:
+            absent = sorted(indexed - header.keys())
+            if absent:
+                raise CheckpointError(
+                    f"{os.path.join(directory, SAFETENSORS_INDEX)} puts tensor(s) {absent[:4]} in "
+                    f"{os.path.basename(path)}, which does not hold them"
+                )
+            unlisted = sorted(header.keys() - indexed)
+            if unlisted:
+                raise CheckpointError(
+                    f"{path} holds tensor(s) {unlisted[:4]} that {SAFETENSORS_INDEX} does not list (index and shards disagree)"
+                )
+        for name, info in header.items():
+            _add(refs, Ref(name, path, info.dtype, info.shape, lambda info=info: st.read_tensor(info),
+                           lambda i, lo, hi, info=info: st.read_tensor(_sub_block(info, i, lo, hi))))
+    return refs
+
+
+def _sub_block(info: st.TensorInfo, i: int, lo: int, hi: int) -> st.TensorInfo:
+    """tensor[i, lo:hi] of a 3-D tensor, which is one contiguous run of bytes."""
+    _, rows, cols = info.shape
+    offset = info.offset + ((i * rows + lo) * cols) * info.dtype.itemsize
+    return st.TensorInfo(info.file, f"{info.name}[{i}, {lo}:{hi}]", info.dtype, (hi - lo, cols), offset)
+
+
+def _add(refs: dict[str, Ref], ref: Ref) -> None:
+    if ref.name in refs:
+        raise CheckpointError(f"tensor {ref.name!r} appears in both {refs[ref.name].file} and {ref.file}")
+    refs[ref.name] = ref
+
+
+# ------------------------------------------------------------------------------- torch
+def _torch_refs(files: dict[str, set[str] | None]) -> dict[str, Ref]:
+    import torch
+
+    refs: dict[str, Ref] = {}
+    for path, indexed in files.items():
+        try:
+            try:  # zip-format files (torch >= 1.6) are memory-mapped: tensors are read when touched
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a damaged file
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a flat state dict of tensors, found {type(state).__name__}")
+        if indexed is not None and indexed - state.keys():
+            raise CheckpointError(f"{TORCH_INDEX} puts tensor(s) {sorted(indexed - state.keys())[:4]} in {path}, which does not hold them")
+        for name, tensor in state.items():
+            dtype = _numpy_dtype(tensor.dtype, path, name)
+            _add(refs, Ref(name, path, dtype, tuple(tensor.shape), lambda t=tensor: _torch_to_numpy(t),
+                           lambda i, lo, hi, t=tensor: _torch_to_numpy(t[i, lo:hi])))
+    return refs
+
+
+def _torch_views():
+    import torch
+
+    # torch dtypes numpy lacks, read bit for bit through a same-width integer view
+    return {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
+        getattr(torch, "float8_e8m0fnu", None): (torch.uint8, ml_dtypes.float8_e8m0fnu),
+    }
+
+
+def _numpy_dtype(torch_dtype, path: str, name: str) -> np.dtype:
+    views = _torch_views()
+    if torch_dtype in views:
+        return np.dtype(views[torch_dtype][1])
+    try:
+        import torch
+
+        return np.dtype(torch.empty((), dtype=torch_dtype).numpy().dtype)
+    except TypeError:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {torch_dtype}, which has no numpy equivalent") from None
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    views = _torch_views()
+    t = tensor.detach().contiguous()
+    if t.dtype in views:
+        int_dtype, np_dtype = views[t.dtype]
+        return t.view(int_dtype).numpy().view(np_dtype).copy()
+    return t.numpy().copy()
+
+
+# ------------------------------------------------------------------------------- fused experts
+def _unfuse(source: Source) -> Source:
+    """Adds per-expert names for fused [E, ...] expert tensors and drops the fused names."""
+    refs = dict(source.refs)
+    for name, ref in source.refs.items():
+        m = _FUSED.match(name)
+        if not m or len(ref.shape) != 3:
+            continue
+        del refs[name]
+        n_experts, rows, cols = ref.shape
+        parts = {"gate_up_proj": (("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows)),
+                 "down_proj": (("down_proj", 0, rows),)}[m["kind"]]
+        if m["kind"] == "gate_up_proj" and rows % 2:
+            raise CheckpointError(f"{ref.file}: fused tensor {name!r} has shape {ref.shape}; expected [E, 2F, D]")
+        for e in range(n_experts):
+            for proj, lo, hi in parts:
+                split = Ref(f"{m['prefix']}.{e}.{proj}.weight", ref.file, ref.dtype, (hi - lo, cols),
+                            lambda ref=ref, e=e, lo=lo, hi=hi: ref.rows(e, lo, hi))
+                _add(refs, split)
+    return Source(source.directory, refs, source.kind)
+
