@@ -1,0 +1,62 @@
+"""`mla-jax convert` and `mla-jax export`: argument parsing around checkpoints.convert / .export."""
+
+from __future__ import annotations
+
+import sys
+
+from mla_jax.config import ConfigError
+from mla_jax.store import CheckpointError
+
+DTYPES = ("bfloat16", "float32")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="Hugging Face / PyTorch DeepSeek directory -> mla-jax checkpoint (streaming)",
+        description="Convert a Hugging Face DeepSeek model directory (safetensors, sharded or not, FP8 "
+                    "or not; or pytorch_model*.bin / *.pt) into an mla-jax orbax checkpoint.",
+    )
+    p.add_argument("src", help="model directory with config.json and weights")
+    p.add_argument("dst", help="checkpoint directory to create")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="stored weight dtype (default bfloat16)")
+    p.add_argument("--keep-mtp", action="store_true", help="also keep the multi-token-prediction layer")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_convert)
+
+    p = subparsers.add_parser(
+        "export", help="mla-jax checkpoint -> Hugging Face directory (safetensors + config.json)",
+        description="Write an mla-jax checkpoint back as a Hugging Face directory that transformers loads.",
+    )
+    p.add_argument("ckpt", help="mla-jax checkpoint directory")
+    p.add_argument("dst", help="Hugging Face directory to create")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast every tensor (default: as stored)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_export)
+
+
+def _convert(args) -> int:
+    from checkpoints.convert import convert
+
+    try:
+        r = convert(args.src, args.dst, dtype=args.dtype, keep_mtp=args.keep_mtp, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError) as e:
+        print(f"mla-jax convert: error: {e}", file=sys.stderr)
+        return 1
+    mtp = f", {r.mtp_tensors} MTP tensors kept" if r.mtp_tensors else ""
+    print(f"wrote {r.dst}: {r.tensors} tensors, {r.bytes_read / 1e9:.2f} GB read in {r.seconds:.1f} s "
+          f"({r.bytes_read / 1e9 / max(r.seconds, 1e-9):.2f} GB/s){mtp}")
+    return 0
+
+
+def _export(args) -> int:
+    from checkpoints.export import export
+
+    try:
+        dst = export(args.ckpt, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                     max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except (CheckpointError, ConfigError) as e:
+        print(f"mla-jax export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {dst}")
+    return 0

@@ -1,0 +1,141 @@
+"""`mla-jax export CKPT DST`: an mla-jax checkpoint -> a Hugging Face directory transformers loads.
+
+Writes hub names (per-expert), [out, in] linear weights, safetensors shards (+ index when more than
+one), config.json and the tokenizer. The shard plan is fixed up front from the stored shapes, then
+each stored part is restored, turned into hub tensors and streamed into the shards: memory stays near
+one part. Transposes are exact, so HF -> mla-jax -> HF in the same dtype gives back identical bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from checkpoints import names
+from checkpoints import safetensors_io as st
+from mla_jax import store
+from mla_jax.config import Config
+from mla_jax.load import as_dtype
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    hf: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    path: store.Path
+    entry: names.Entry | None  # None for an MTP tensor, stored in hub layout already
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> str:
+    """Writes the checkpoint at `ckpt` as a Hugging Face directory at `dst`; returns `dst`.
+
+    dtype: None keeps each tensor's stored dtype; "bfloat16" / "float32" casts every tensor.
+    """
+    ckpt = os.fspath(ckpt)
+    layout = store.read_layout(ckpt)
+    config = Config.from_hf(os.path.join(ckpt, store.CONFIG_FILE))
+    cast = None if dtype is None else as_dtype(dtype)
+    plan = _plan(config, layout, cast, ckpt)
+    shards = _shards(plan, max_shard_bytes)
+    stage = store.Staging(dst, overwrite=overwrite)
+
+    from tqdm import tqdm
+
+    try:
+        with tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="export", disable=not progress, dynamic_ncols=True) as bar:
+            tensors = _hub_tensors(ckpt, layout, plan, bar)
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                st.write_file(os.path.join(stage.tmp, file), [(t.hf, t.dtype, t.shape) for t in shard],
+                              (next(tensors) for _ in shard))
+                weight_map.update({t.hf: file for t in shard})
+        if len(shards) > 1:
+            store.write_json(os.path.join(stage.tmp, SAFETENSORS_INDEX),
+                             {"metadata": {"total_size": sum(t.nbytes for t in plan)}, "weight_map": weight_map})
+        store.copy_tokenizer(ckpt, stage.tmp)
+        hf_config = config.to_hf()
+        name = cast.name if cast is not None else layout["dtype"]
+        if name != "mixed":
+            hf_config["torch_dtype"] = name
+        store.write_json(os.path.join(stage.tmp, store.CONFIG_FILE), hf_config)
+    except BaseException:
+        stage.discard()
+        raise
+    return stage.publish()
+
+
+def _plan(config: Config, layout: dict, cast, ckpt: str) -> list[_Tensor]:
+    """Every hub tensor, in the order the stored parts will produce them."""
+    stored = store.stored_variables(layout)
+    by_path: dict[store.Path, list[names.Entry]] = {}
+    for e in names.entries(config):
+        by_path.setdefault(e.path, []).append(e)
+    missing = [store.path_name(p) for p in by_path if p not in stored]
+    if missing:
+        raise store.CheckpointError(f"{ckpt}: variable(s) {missing[:4]} that its config.json implies are not stored")
+    plan = []
+    for item in layout["items"]:
+        for v in item["variables"]:
+            path, shape, dtype = tuple(v["path"]), tuple(v["shape"]), np.dtype(cast or as_stored(v["dtype"]))
+            if path[0] == "mtp":
+                plan.append(_Tensor(path[1], dtype, shape, path, None))
+                continue
+            if path not in by_path:
+                raise store.CheckpointError(f"{ckpt}: stored variable {store.path_name(path)} is not part of the model config.json describes")
+            for e in by_path[path]:
+                own = shape[1:] if e.expert is not None else shape
+                plan.append(_Tensor(e.hf, dtype, names.hub_shape(e, own), path, e))
+    return plan
+
+
+def as_stored(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _shards(plan: list[_Tensor], max_bytes: int) -> list[list[_Tensor]]:
+    shards: list[list[_Tensor]] = [[]]
+    size = 0
+    for t in plan:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _hub_tensors(ckpt: str, layout: dict, plan: list[_Tensor], bar) -> Iterator[np.ndarray]:
+    """Yields the plan's tensors in order, restoring one stored part at a time."""
+    stored = store.stored_variables(layout)
+    targets = {t.path: jax.ShapeDtypeStruct(stored[t.path][0], t.dtype) for t in plan}
+    groups = itertools.groupby(plan, key=lambda t: t.path)  # a variable's hub tensors are consecutive
+    for path, array in store.restore(ckpt, layout, targets):
+        group_path, group = next(groups)
+        if group_path != path:
+            raise AssertionError(f"export plan out of order: restored {path}, planned {group_path}")
+        array = np.asarray(array)
+        for t in group:
+            if t.entry is None:
+                out = array
+            else:
+                out = names.to_hub(t.entry, array if t.entry.expert is None else array[t.entry.expert])
+            bar.update(t.nbytes)
+            yield out
