@@ -14,6 +14,7 @@ import sys
 # above `mla_jax` in the import graph, so its commands are imported only when the CLI starts.
 COMMAND_MODULES = [
     "mla_jax.demo",
+    "checkpoints.cli",
 ]
 
 
