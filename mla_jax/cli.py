@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "mla_jax.demo",
     "checkpoints.cli",
+    "mla_jax.training.cli",
 ]
 
 

@@ -1,0 +1,216 @@
+"""`finetune`: a whole run in an output directory, resumable at any saved step.
+
+OUT/
+  run.json        what the run is (resolved train config, data file and fingerprint, base model)
+  metrics.jsonl   one JSON object per step: step, loss, aux_loss, lr, tokens_per_s,
+                  expert_load_max_over_mean (mean over MoE layers of max/mean tokens per expert;
+                  null without MoE), grad_norm, tokens
+  checkpoints/    orbax steps (last `keep`), what `--resume` continues from
+  model/          the fine-tuned model, in `mla-jax convert`'s layout (written when the run ends)
+  loss.png        the loss curve (and expert-load imbalance), beside model/
+
+A resumed run restores the state saved at step k, cuts metrics.jsonl back to steps <= k, and then
+computes exactly what the uninterrupted run computed: the batches are a function of the step, and
+the step function is the same compiled program over the same state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import jax
+from tqdm.auto import tqdm
+
+from mla_jax.model import Transformer
+from mla_jax.training import model_io
+from mla_jax.training.checkpointing import RunCheckpoints
+from mla_jax.training.config import TrainConfig
+from mla_jax.training.data import Batches, DataError, pack, read_documents
+from mla_jax.training.plot import plot_metrics
+from mla_jax.training.step import Trainer
+
+RUN_FILE, METRICS_FILE, CKPT_DIR, MODEL_DIR, PLOT_FILE = "run.json", "metrics.jsonl", "checkpoints", "model", "loss.png"
+
+
+class RunError(ValueError):
+    """An output directory or a resume request that does not fit the run asked for."""
+
+
+def write_json_atomic(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str, up_to: int | None = None) -> list[dict]:
+    """The records of metrics.jsonl (those with step <= up_to); a torn last line is dropped."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if up_to is None or r["step"] <= up_to:
+                    records.append(r)
+    return records
+
+
+def _rewrite_metrics(path: str, records: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _check_same_run(out: str, stored: dict, current: dict) -> None:
+    where = os.path.join(out, RUN_FILE)
+    if stored.get("data_fingerprint") != current["data_fingerprint"]:
+        raise RunError(f"{where}: the run trained on data with fingerprint {stored.get('data_fingerprint')} "
+                       f"({stored.get('data')}); --data {current['data']} packs to {current['data_fingerprint']}")
+    old, new = stored.get("train_config", {}), current["train_config"]
+    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    if diff:
+        listed = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise RunError(f"{where}: resuming with a different train config changes the run ({listed})")
+
+
+def finetune(
+    model: Transformer,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    tc: TrainConfig,
+    *,
+    tokenizer=None,
+    tokenizer_from: str | os.PathLike | None = None,
+    base: str = "",
+    resume: bool | int = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    save_model: bool = True,
+    log=print,
+) -> dict:
+    """Fine-tunes `model` on the file `data`, writing everything under `out` (see the module docstring).
+
+    `resume`: True continues from the latest checkpoint in `out`, an int from that step. `stop_after`
+    ends the process of training after that step with a checkpoint, as an interruption would (the
+    schedule still runs to `tc.steps`). Returns a summary dict (steps run, first/last loss, paths).
+    """
+    out = os.path.abspath(os.fspath(out))
+    os.makedirs(out, exist_ok=True)
+    trainer = Trainer(model, tc)
+    tc = trainer.tc
+    c = model.config
+    docs = read_documents(data, tokenizer=tokenizer, vocab_size=c.vocab_size, bos_token_id=c.bos_token_id,
+                          eos_token_id=c.eos_token_id)
+    packed = pack(docs, tc.seq_len)
+    batches = Batches(packed, tc.batch_size, tc.grad_accum, seed=tc.seed, shuffle=tc.shuffle)
+    run = {"train_config": tc.to_dict(), "data": os.path.abspath(os.fspath(data)),
+           "data_fingerprint": packed.fingerprint(), "base": base, "model_config": c.to_hf()}
+    ckpts = RunCheckpoints(os.path.join(out, CKPT_DIR), tc.keep)
+    metrics_path = os.path.join(out, METRICS_FILE)
+    run_path = os.path.join(out, RUN_FILE)
+    try:
+        if resume is not False:
+            step = ckpts.latest_step() if resume is True else int(resume)
+            if step is None:
+                raise RunError(f"{out}: --resume, but {CKPT_DIR}/ holds no checkpoint")
+            if not os.path.exists(run_path):
+                raise RunError(f"{run_path}: missing; {out} is not a fine-tuning run")
+            with open(run_path) as f:
+                _check_same_run(out, json.load(f), run)
+            state, meta = ckpts.restore(step, trainer.abstract_state())
+            if meta["data_position"] != step * batches.rows_per_step:
+                raise RunError(f"{out}: checkpoint {step} is at data row {meta['data_position']}, "
+                               f"expected {step * batches.rows_per_step}")
+            records = read_metrics(metrics_path, up_to=step)
+            _rewrite_metrics(metrics_path, records)
+            log(f"resuming {out} from step {step}")
+        else:
+            if ckpts.steps() or os.path.exists(run_path):
+                raise RunError(f"{out} already holds a fine-tuning run; pass --resume to continue it, "
+                               "or choose another --out")
+            state, records = trainer.init_state(), []
+            write_json_atomic(run_path, run)
+            _rewrite_metrics(metrics_path, records)
+        start = int(jax.device_get(state["step"]))
+        end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+        if start >= end and start < tc.steps:
+            raise RunError(f"{out}: already at step {start}; --stop-after {stop_after} is not ahead of it")
+        log(f"{packed.rows} rows of {tc.seq_len} tokens ({int(packed.loss_mask.sum())} targets); "
+            f"{tc.batch_size}x{tc.grad_accum} rows per step; steps {start + 1}..{end} of {tc.steps}")
+        state = _train(trainer, state, batches, records, metrics_path, ckpts, start, end, progress, log)
+        summary = {"out": out, "steps_done": end, "records": records}
+        if end == tc.steps:
+            if save_model:
+                summary["model"] = model_io.save_result(trainer.model(state), os.path.join(out, MODEL_DIR), tokenizer_from)
+                log(f"fine-tuned model: {summary['model']}")
+            summary["plot"] = plot_metrics(records, os.path.join(out, PLOT_FILE))
+            if summary["plot"]:
+                log(f"loss curve: {summary['plot']}")
+        return summary
+    finally:
+        ckpts.close()
+
+
+def _meta(trainer: Trainer, batches: Batches, step: int, fingerprint: str) -> dict:
+    return {"step": step, "data_position": step * batches.rows_per_step, "data_fingerprint": fingerprint,
+            "seed": trainer.tc.seed, "train_config": trainer.tc.to_dict()}
+
+
+def _train(trainer, state, batches, records, metrics_path, ckpts, start, end, progress, log):
+    tc = trainer.tc
+    fingerprint = batches.packed.fingerprint()
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+    done = start
+    try:
+        with open(metrics_path, "a") as f:
+            for s in range(start, end):
+                t0 = time.perf_counter()
+                state, m = trainer.train_step(state, batches.batch(s))
+                dt = time.perf_counter() - t0
+                done = s + 1
+                if not math.isfinite(m["loss"]):
+                    raise FloatingPointError(f"the loss is {m['loss']} at step {done}; try a lower --lr")
+                record = {"step": done, "loss": m["loss"], "aux_loss": m["aux_loss"], "lr": m["lr"],
+                          "tokens_per_s": m["tokens"] / dt,
+                          "expert_load_max_over_mean": _finite(m["expert_load_max_over_mean"]),
+                          "grad_norm": m["grad_norm"], "tokens": m["tokens"]}
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                records.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if done % tc.log_every == 0 or done == start + 1 or done == end:
+                    bar.write(_line(record))
+                if done % tc.save_every == 0 or done == end:
+                    ckpts.save(done, state, _meta(trainer, batches, done, fingerprint))
+    except KeyboardInterrupt:
+        bar.close()
+        # Interrupted inside a step, the state's buffers were already donated to it: keep the last save.
+        if done > start and not any(x.is_deleted() for x in jax.tree.leaves(state)):
+            ckpts.save(done, state, _meta(trainer, batches, done, fingerprint))
+        log(f"interrupted: checkpoints at steps {ckpts.steps()}; continue with --resume")
+        raise
+    bar.close()
+    return state
+
+
+def _line(r: dict) -> str:
+    imb = r["expert_load_max_over_mean"]
+    imb = "" if imb is None else f"  expert load max/mean {imb:.3f}"
+    return (f"step {r['step']:>5}  loss {r['loss']:.4f}  aux {r['aux_loss']:.2e}  lr {r['lr']:.2e}"
+            f"{imb}  {r['tokens_per_s']:.0f} tok/s")

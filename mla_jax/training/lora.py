@@ -1,0 +1,68 @@
+"""LoRA as a reparametrisation: W' = W + (α/r)·A·B for the kernels an NNX filter selects.
+
+The model itself is untouched: the adapted kernels are computed from the frozen base and the
+adapters before the model runs, so every path that reads a kernel (including MLA's absorbed W_UK /
+W_UV slices of kv_b_proj) sees the adapted weight, and the hub name map never meets LoRA. Export
+merges: the saved model holds W', plain kernels, loadable and exportable like any other.
+
+A kernel [*in, *out] is adapted as a matrix [I,O] (I = product of the input dims: one for `Linear`,
+two, heads × head dim, for `OutProj`). A [I,L] starts random and B [L,O] at zero, so training starts
+from the base model exactly. Dimensions: I in-features, O out-features, L the LoRA rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax.layers import Linear, OutProj
+
+# Default targets: every projection of the attention block (q, kv down/up, o); experts, dense MLPs,
+# norms, the router and embeddings stay frozen.
+ATTENTION_PROJECTIONS = nnx.All(nnx.Param, nnx.PathContains("self_attn"), lambda path, _: path[-1] == "kernel")
+
+
+def targets(model: nnx.Module, where=ATTENTION_PROJECTIONS) -> dict[str, tuple[tuple[int, ...], int]]:
+    """{kernel name: (kernel shape, number of input dims)} for the kernels `where` selects."""
+    select = nnx.filterlib.to_predicate(where)
+    modules = {tuple(p): node for p, node in nnx.iter_graph(model) if isinstance(node, (Linear, OutProj))}
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable) and select(tuple(path), node):
+            owner = modules.get(tuple(path[:-1]))
+            if owner is None:
+                raise ValueError(f"LoRA target {'.'.join(map(str, path))} is not the kernel of a Linear or OutProj")
+            out[".".join(map(str, path))] = (tuple(node.shape), 2 if isinstance(owner, OutProj) else 1)
+    if not out:
+        raise ValueError("the LoRA filter selects no kernel")
+    return out
+
+
+def _io(shape: tuple[int, ...], in_dims: int) -> tuple[int, int]:
+    return math.prod(shape[:in_dims]), math.prod(shape[in_dims:])
+
+
+def init(targets_: dict, rank: int, key: jax.Array) -> dict[str, jax.Array]:
+    """Float32 adapters {"<kernel>.lora_a": [I,L], "<kernel>.lora_b": [L,O]} (B = 0: no change yet)."""
+    if rank < 1:
+        raise ValueError(f"lora rank={rank}; expected >= 1")
+    adapters = {}
+    for n, (name, (shape, in_dims)) in enumerate(sorted(targets_.items())):
+        i, o = _io(shape, in_dims)
+        adapters[f"{name}.lora_a"] = jax.random.normal(jax.random.fold_in(key, n), (i, rank), jnp.float32) / math.sqrt(i)
+        adapters[f"{name}.lora_b"] = jnp.zeros((rank, o), jnp.float32)
+    return adapters
+
+
+def apply(params: dict[str, jax.Array], adapters: dict[str, jax.Array], targets_: dict, scale: float
+          ) -> dict[str, jax.Array]:
+    """The adapted parameters: each target kernel + scale·A·B, computed in float32, in the kernel's dtype."""
+    out = dict(params)
+    for name, (shape, _) in targets_.items():
+        w = params[name]
+        delta = jnp.einsum("IL,LO->IO", adapters[f"{name}.lora_a"], adapters[f"{name}.lora_b"])
+        out[name] = (w.astype(jnp.float32) + scale * delta.reshape(shape)).astype(w.dtype)
+    return out

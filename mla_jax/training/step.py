@@ -1,0 +1,153 @@
+"""One training step, jitted: accumulated exact gradients, the optimizer update, V3's bias update.
+
+Mixed precision: the trainable weights live in the train state as float32 master copies, and the
+optimizer state is float32 with them. Each forward pass casts the masters to the model's weight
+dtype (bfloat16 or float32); the gradient flows back through the cast, so it arrives in float32,
+and updates too small for bfloat16 still accumulate in the masters.
+
+A batch is [A,B,T]: A micro batches of B rows scanned one after another. Each micro batch adds the
+gradient of (its cross-entropy sum / the batch's target count + its share of the balance losses),
+so the summed gradient is exactly that of the whole batch's mean loss, whatever A is.
+
+The train state is a dict of plain pytrees (what the checkpoint saves):
+  params  {name: float32}  trainable masters (all nnx.Param, or the LoRA adapters)
+  bias    {name: float32}  the routers' e_score_correction_bias (not a parameter)
+  opt     optax state
+  rng     uint32[2]        PRNG key data, split every step (the model has no dropout today)
+  step    int32            updates done; also the data position
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mla_jax.model import Transformer
+from mla_jax.training import balance, lora, optim
+from mla_jax.training.config import TrainConfig
+from mla_jax.training.losses import cross_entropy
+from mla_jax.training.params import ModelParts
+
+
+class Trainer:
+    """Holds what does not change during a run (graph, frozen weights, optimizer) and the step."""
+
+    def __init__(self, model: Transformer, tc: TrainConfig):
+        self.config = model.config
+        self.tc = tc = tc.resolve(model.config)
+        self.parts = ModelParts(model)
+        base = self.parts.params()
+        dtypes = {np.dtype(v.dtype).name for v in base.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"the model's parameters mix dtypes {sorted(dtypes)}; expected one")
+        self.compute_dtype = dtypes.pop()
+        self.lora_targets = lora.targets(model) if tc.lora_rank else {}
+        # LoRA freezes the base in its own dtype; full fine-tuning trains float32 masters of it all.
+        self.frozen = base if tc.lora_rank else {}
+        self.moe_layers = [i for i, layer in enumerate(model.layers) if layer.is_moe]
+        rest = self.parts.rest()
+        self.bias_names = [f"layers.{i}.mlp.e_score_correction_bias" for i in self.moe_layers
+                           if f"layers.{i}.mlp.e_score_correction_bias" in rest]
+        self.schedule = optim.schedule(tc)
+        self._base = base
+        names = jax.eval_shape(self._initial_trainable).keys()
+        self.optimizer = optim.optimizer(tc, names)
+        self.step = jax.jit(self._step, donate_argnums=0)
+
+    # ------------------------------------------------------------------ state
+    def _initial_trainable(self) -> dict[str, jax.Array]:
+        if self.tc.lora_rank:
+            return lora.init(self.lora_targets, self.tc.lora_rank, jax.random.fold_in(jax.random.key(self.tc.seed), 1))
+        # Copies: the step donates the state, and the model's own arrays must survive that.
+        return {n: jnp.array(v, jnp.float32, copy=True) for n, v in self._base.items()}
+
+    def init_state(self) -> dict:
+        """A fresh state: float32 masters of the model's weights (or new adapters), a new optimizer."""
+        params = self._initial_trainable()
+        return {
+            "params": params,
+            "bias": {n: jnp.array(v, jnp.float32, copy=True) for n, v in self.parts.rest().items()},
+            "opt": self.optimizer.init(params),
+            "rng": jax.random.key_data(jax.random.key(self.tc.seed)),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
+    def abstract_state(self) -> dict:
+        return jax.eval_shape(self.init_state)
+
+    def weights(self, params: dict, frozen: dict) -> dict:
+        """The model's parameters in its compute dtype from the trainable masters (and frozen base)."""
+        if self.tc.lora_rank:
+            return lora.apply(frozen, params, self.lora_targets, self.tc.lora_alpha / self.tc.lora_rank)
+        return {n: v.astype(self.compute_dtype) for n, v in params.items()}
+
+    def model(self, state: dict) -> Transformer:
+        """The trained model (LoRA merged into the kernels, router biases as updated)."""
+        return self.parts.merge(self.weights(state["params"], self.frozen), state["bias"])
+
+    # ------------------------------------------------------------------ the step
+    def _loss(self, params, frozen, bias, micro, n_targets, n_rows, n_micro):
+        model = self.parts.merge(self.weights(params, frozen), bias)
+        logits, aux = model(micro["tokens"], positions=micro["positions"], segment_ids=micro["segment_ids"],
+                            return_aux=True)
+        ce_sum, _ = cross_entropy(logits, micro["targets"], micro["loss_mask"])
+        real = micro["segment_ids"] != 0
+        b, t = real.shape
+        aux_loss = jnp.zeros((), jnp.float32)
+        loads = []
+        for layer in aux:
+            scores = layer["scores"].reshape(b, t, -1)
+            experts = layer["experts"].reshape(b, t, -1)
+            if self.tc.seq_aux_alpha:
+                aux_loss += jnp.sum(balance.sequence_balance_loss(scores, experts, real, self.tc.seq_aux_alpha)) / n_rows
+            if self.tc.expert_aux_alpha:
+                aux_loss += balance.expert_balance_loss(scores, experts, real, self.tc.expert_aux_alpha) / n_micro
+            loads.append(balance.expert_load(experts, scores.shape[-1], real))
+        loads = jnp.stack(loads) if loads else jnp.zeros((0, 1), jnp.float32)
+        return ce_sum / n_targets + aux_loss, (ce_sum, aux_loss, loads)
+
+    def _step(self, state: dict, frozen: dict, batch: dict):
+        n_micro = batch["tokens"].shape[0]
+        n_targets = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        n_rows = jnp.maximum(jnp.sum(jnp.any(batch["segment_ids"] != 0, axis=-1).astype(jnp.float32)), 1.0)
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+        def micro_step(carry, micro):
+            grads, ce, aux, loads = carry
+            (_, (m_ce, m_aux, m_loads)), g = grad_fn(state["params"], frozen, state["bias"], micro,
+                                                     n_targets, n_rows, n_micro)
+            return (jax.tree.map(jnp.add, grads, g), ce + m_ce, aux + m_aux, loads + m_loads), None
+
+        n_moe = len(self.moe_layers)
+        n_experts = self.config.n_routed_experts if n_moe else 1
+        zero = jnp.zeros((), jnp.float32)
+        init = (jax.tree.map(jnp.zeros_like, state["params"]), zero, zero, jnp.zeros((n_moe, n_experts), jnp.float32))
+        (grads, ce, aux_loss, loads), _ = jax.lax.scan(micro_step, init, batch)
+
+        updates, opt = self.optimizer.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        bias = dict(state["bias"])
+        if self.tc.bias_update_speed:
+            for j, i in enumerate(self.moe_layers):
+                name = f"layers.{i}.mlp.e_score_correction_bias"
+                bias[name] = balance.update_bias(bias[name], loads[j], self.tc.bias_update_speed)
+        rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        new_state = {"params": params, "bias": bias, "opt": opt, "rng": jax.random.key_data(rng),
+                     "step": state["step"] + 1}
+        imbalance = (jnp.mean(jax.vmap(balance.max_over_mean)(loads)) if n_moe else jnp.full((), jnp.nan))
+        metrics = {
+            "loss": ce / n_targets,
+            "aux_loss": aux_loss,
+            "lr": self.schedule(state["step"]),
+            "grad_norm": optax.global_norm(grads),
+            "expert_load_max_over_mean": imbalance,
+            "tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.int32)),
+        }
+        return new_state, metrics
+
+    def train_step(self, state: dict, batch: dict):
+        """(state, batch of numpy arrays [A,B,T]) -> (new state, metrics as python numbers)."""
+        new_state, metrics = self.step(state, self.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+        return new_state, {k: v.item() for k, v in jax.device_get(metrics).items()}
