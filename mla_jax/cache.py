@@ -1,0 +1,189 @@
+"""The paged latent KV cache: what MLA decoding stores, where, and who owns which page.
+
+Per layer, one array of pages `[num_pages, page_size, C+R]` holds, for every cached token, the
+normalised latent c_kv (C = kv_lora_rank) followed by the rotated shared rope key (R) - one row per
+token for all heads, which is MLA's whole point. Token j of sequence b lives at
+`pages[block_table[b, j // page_size], j % page_size]`; `seq_lens[b]` counts the cached tokens.
+
+The arrays form a pytree (`PagedCache`) that jitted steps take and return with the buffers donated.
+Page ownership is host-side bookkeeping (`PageAllocator`): pages are handed out for a whole request
+up front, so the jitted loop never allocates, and running out is a clear error before any write.
+
+FP8 caches store float8_e4m3fn rows with one float32 scale per token (`scales`), value = fp8 * scale.
+
+Dimensions: L layers, P pages, S page size (slots), C latent, R rotary dim, B batch, T tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mla_jax.config import Config
+
+DEFAULT_PAGE_SIZE = 64
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+# Names accepted wherever a cache dtype is given as text (CLI, configs).
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16, "fp8": FP8,
+          "float8_e4m3fn": FP8}
+
+
+class CacheError(ValueError):
+    """A request the cache cannot hold: out of pages, or longer than the model's maximum length."""
+
+
+class PagedCache(NamedTuple):
+    pages: tuple[jax.Array, ...]  # L x [P,S,C+R], the cache dtype
+    scales: tuple[jax.Array, ...] | None  # L x [P,S] float32 per-token scales; FP8 caches only
+    block_table: jax.Array  # [B, pages per sequence] int32 page ids
+    seq_lens: jax.Array  # [B] int32 tokens cached per sequence
+
+    @property
+    def page_size(self) -> int:
+        return self.pages[0].shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one sequence can hold: its block-table width times the page size."""
+        return self.block_table.shape[1] * self.page_size
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """A cache dtype from a jnp dtype or one of the names in `DTYPES`."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CacheError(f"cache dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    dt = jnp.dtype(dtype)
+    if dt not in {jnp.dtype(d) for d in DTYPES.values()}:
+        raise CacheError(f"cache dtype {dt} is not supported; expected one of {sorted(DTYPES)}")
+    return dt
+
+
+def is_fp8(cache: PagedCache) -> bool:
+    return cache.scales is not None
+
+
+def init_cache(config: Config, num_pages: int, batch: int, pages_per_seq: int, *,
+               page_size: int = DEFAULT_PAGE_SIZE, dtype=jnp.bfloat16) -> PagedCache:
+    """An empty cache: `num_pages` pages per layer, a zero block table [batch, pages_per_seq]."""
+    for name, v in (("num_pages", num_pages), ("batch", batch), ("pages_per_seq", pages_per_seq),
+                    ("page_size", page_size)):
+        if not isinstance(v, (int, np.integer)) or v <= 0:
+            raise CacheError(f"init_cache: {name}={v!r}; expected a positive integer")
+    dt = resolve_dtype(dtype)
+    shape = (num_pages, page_size, config.latent_dim)
+    layers = config.num_hidden_layers
+    pages = tuple(jnp.zeros(shape, dt) for _ in range(layers))
+    scales = tuple(jnp.zeros(shape[:2], jnp.float32) for _ in range(layers)) if dt == FP8 else None
+    return PagedCache(pages, scales, jnp.zeros((batch, pages_per_seq), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+def bytes_per_token(cache: PagedCache) -> int:
+    """Bytes the cache spends per cached token over all layers, measured from its arrays.
+
+    Equals layers x (kv_lora_rank + rope dim) x dtype bytes (+ 4 per layer for an FP8 scale); print
+    it next to `Config.kv_cache_bytes_per_token` to compare with standard multi-head attention.
+    """
+    arrays = list(cache.pages) + list(cache.scales or ())
+    slots = cache.num_pages * cache.page_size
+    return sum(a.size * a.dtype.itemsize for a in arrays) // slots
+
+
+def pages_needed(length: int, page_size: int) -> int:
+    return max(1, math.ceil(length / page_size))
+
+
+class PageAllocator:
+    """Host-side free list of page ids: hands out pages per sequence and takes them back."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out the lowest id first
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, lengths, page_size: int, pages_per_seq: int) -> np.ndarray:
+        """Block table [B, pages_per_seq] giving sequence b enough pages for lengths[b] tokens.
+
+        Raises CacheError, having taken nothing, when the pages do not suffice. Entries past a
+        sequence's own pages repeat its last page: never read (seq_lens masks them), always valid.
+        """
+        need = [pages_needed(int(n), page_size) for n in lengths]
+        too_long = [i for i, n in enumerate(need) if n > pages_per_seq]
+        if too_long:
+            i = too_long[0]
+            raise CacheError(
+                f"sequence {i} needs {int(lengths[i])} tokens = {need[i]} pages of {page_size}, but the "
+                f"block table holds {pages_per_seq} pages per sequence")
+        if sum(need) > self.free:
+            raise CacheError(
+                f"out of cache pages: the batch needs {sum(need)} pages of {page_size} tokens "
+                f"({[int(n) for n in lengths]} tokens), {self.free} of {self.num_pages} are free")
+        table = np.zeros((len(need), pages_per_seq), np.int32)
+        for b, n in enumerate(need):
+            ids = [self._free.pop() for _ in range(n)]
+            table[b, :n] = ids
+            table[b, n:] = ids[-1]
+        return table
+
+    def release(self, block_table: np.ndarray, lengths, page_size: int) -> None:
+        """Returns the pages `allocate` gave for these lengths; a page freed twice is an error."""
+        ids = [int(p) for b, n in enumerate(lengths)
+               for p in np.asarray(block_table)[b, : pages_needed(int(n), page_size)]]
+        held = set(range(self.num_pages)) - set(self._free)
+        stray = sorted(set(ids) - held)
+        if stray or len(set(ids)) != len(ids):
+            raise CacheError(f"release: pages {stray or ids} are not allocated (double release?)")
+        self._free.extend(sorted(ids, reverse=True))
+
+
+def check_length(config: Config, lengths, max_new_tokens: int) -> None:
+    """CacheError when a prompt plus its new tokens exceeds the model's max_position_embeddings."""
+    limit = config.max_position_embeddings
+    for i, n in enumerate(lengths):
+        if int(n) + max_new_tokens > limit:
+            raise CacheError(
+                f"prompt {i} has {int(n)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{int(n) + max_new_tokens} > max_position_embeddings={limit}")
+
+
+# ------------------------------------------------------------------------ writes (inside jit)
+def quantize(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """rows [..., C+R] -> float8_e4m3fn rows and float32 scales [...] (per-token absmax / 448)."""
+    rows = rows.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(rows), axis=-1)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return (rows / scale[..., None]).astype(FP8), scale
+
+
+def write(cache: PagedCache, layer: int, rows: jax.Array, positions: jax.Array, valid: jax.Array) -> PagedCache:
+    """Stores rows [B,T,C+R] of `layer` at token positions [B,T] where valid [B,T].
+
+    Invalid tokens (padding) target a page id past the end, which the scatter drops.
+    """
+    page_size = cache.page_size
+    slot_page = jnp.take_along_axis(cache.block_table, positions // page_size, axis=1, mode="clip")
+    page = jnp.where(valid, slot_page, cache.num_pages)
+    slot = positions % page_size
+    pages, scales = list(cache.pages), cache.scales
+    if scales is None:
+        pages[layer] = pages[layer].at[page, slot].set(rows.astype(pages[layer].dtype), mode="drop")
+    else:
+        q, s = quantize(rows)
+        pages[layer] = pages[layer].at[page, slot].set(q, mode="drop")
+        scales = list(scales)
+        scales[layer] = scales[layer].at[page, slot].set(s, mode="drop")
+        scales = tuple(scales)
+    return cache._replace(pages=tuple(pages), scales=scales)

@@ -1,0 +1,334 @@
+"""Batched generation over the paged latent cache: prefill, jitted decode steps, `generate`.
+
+* Prefill runs the prompt batch (right-padded to a power-of-two bucket, true positions 0..len-1 per
+  sequence) through the model with expanded MLA under a causal, padding-aware mask, writing each
+  token's normalised latent and rotated rope key into its pages, and samples the first new token.
+* Each decode step feeds one token per sequence: it writes the token's latent, then attends with
+  absorbed MLA over the pages through `pallas_kernels.mla_decode` (`decode_implementation` picks the
+  Mosaic GPU kernel or the XLA reference, in one place) and samples the next token. One executable
+  per (model, batch, cache shape, sampling settings), the cache buffers donated.
+
+Executables are compiled ahead of time and kept in `_EXECUTABLES`, so compile time is measured apart
+from run time and `compilations()` counts real compilations (a prompt of another length within
+the same bucket reuses both executables).
+
+Dimensions: B batch, T prompt bucket, N heads, C latent, R rotary dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+from pallas_kernels.mla_decode import choose_implementation
+from mla_jax import cache as kv
+from mla_jax.attention import absorb_query, expanded_attention
+from mla_jax.model import Transformer
+from mla_jax.rope import sin_cos
+from mla_jax.sampling import Sampling, sample
+
+IMPLEMENTATIONS = ("xla", "mosaic_gpu")
+MIN_BUCKET = 16
+FINISHED = -1  # what a stream yields for a sequence that has already stopped
+
+
+def query_dtype(pages_dtype) -> jnp.dtype:
+    """Queries match the pages (the kernel's contract); FP8 pages are read with bfloat16 queries."""
+    pages_dtype = jnp.dtype(pages_dtype)
+    return jnp.dtype(jnp.bfloat16) if pages_dtype == kv.FP8 else pages_dtype
+
+
+def decode_implementation(config, *, page_size: int, cache_dtype, override: str | None = None) -> str:
+    """The one place that picks the decode attention: "mosaic_gpu" or "xla".
+
+    Automatic (override None): the Mosaic GPU kernel when `pallas_kernels` says it runs on this
+    machine for these shapes and dtypes (an sm90+ GPU, 16-bit or FP8 pages, page size a multiple
+    of 16), the XLA reference otherwise. An override that cannot run is an error, not a fallback.
+    """
+    if override not in (None, *IMPLEMENTATIONS):
+        raise ValueError(f"implementation={override!r}; expected one of {IMPLEMENTATIONS} or None")
+    pages_dtype = kv.resolve_dtype(cache_dtype)
+    return choose_implementation(
+        override, q_dtype=query_dtype(pages_dtype), pages_dtype=pages_dtype, dim=config.latent_dim,
+        v_dim=config.kv_lora_rank, page_size=page_size, interpret=False)
+
+
+def bucket_length(n: int, limit: int) -> int:
+    """Prompt bucket: the next power of two >= n (at least MIN_BUCKET), at most `limit`."""
+    return min(max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()), max(limit, n))
+
+
+# ------------------------------------------------------------------------ forward passes
+def _run_layers(model: Transformer, tokens, positions, attend):
+    """Embedding and decoder layers with `attend` as self-attention: hidden states [B,T,D]."""
+    sin, cos = sin_cos(model.config, positions)
+    h = model.embed(tokens)
+    for layer in model.layers:
+        h, _ = layer(h, sin, cos, attend)
+    return h
+
+
+def _prefill_attention(box: list, positions, valid):
+    """Self-attention over the prompt that also stores each valid token's latent row in the pages."""
+    mask = (positions[:, :, None] >= positions[:, None, :]) & valid[:, None, :]  # [B,T,T]
+
+    def attend(layer, mla, x, sin, cos):
+        q_nope, q_rope = mla.queries(x, sin, cos)
+        c_kv, k_rope = mla.latents(x, sin, cos)
+        box[0] = kv.write(box[0], layer, jnp.concatenate([c_kv, k_rope], axis=-1), positions, valid)
+        out = expanded_attention(q_nope, q_rope, c_kv, k_rope, mla.w_uk, mla.w_uv, mask, mla.config.softmax_scale)
+        return mla.o_proj(out)
+
+    return attend
+
+
+def _decode_attention(box: list, positions, implementation: str):
+    """Absorbed MLA of one new token per sequence over its pages (the token is written first)."""
+
+    def attend(layer, mla, x, sin, cos):
+        c = mla.config
+        q_nope, q_rope = mla.queries(x, sin, cos)  # [B,1,N,H], [B,1,N,R]
+        c_kv, k_rope = mla.latents(x, sin, cos)
+        cache = kv.write(box[0], layer, jnp.concatenate([c_kv, k_rope], axis=-1), positions,
+                         jnp.ones(positions.shape, bool))
+        box[0] = cache
+        q = jnp.concatenate([absorb_query(q_nope, mla.w_uk), q_rope.astype(q_nope.dtype)], axis=-1)
+        pages = cache.pages[layer]
+        q = q.astype(query_dtype(pages.dtype))  # [B,1,N,C+R]
+        o_lat, _ = pallas_kernels.mla_decode(
+            q, pages, cache.block_table, cache.seq_lens, softmax_scale=c.softmax_scale,
+            v_dim=c.kv_lora_rank, implementation=implementation,
+            page_scales=None if cache.scales is None else cache.scales[layer])
+        out = jnp.einsum("BTNC,CNH->BTNH", o_lat.astype(x.dtype), mla.w_uv)  # [B,1,N,Hv]
+        return mla.o_proj(out)
+
+    return attend
+
+
+def _first_token(logits, done_so_far, key, sampling: Sampling, stop):
+    key, sub = jax.random.split(key)
+    token = sample(logits, sub, sampling)
+    token = jnp.where(done_so_far, FINISHED, token)
+    done = done_so_far | jnp.isin(token, stop)
+    return token, done, key
+
+
+def _prefill(graphdef, state, cache, tokens, lengths, key, stop, *, sampling: Sampling):
+    """Prompt [B,T] (right-padded; lengths [B]) -> (cache, first new tokens [B], done, key, logits [B,V])."""
+    model = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = positions < lengths[:, None]
+    box = [cache._replace(seq_lens=lengths.astype(jnp.int32))]
+    h = _run_layers(model, tokens, positions, _prefill_attention(box, positions, valid))
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B,1,D]
+    logits = model.logits(last)[:, 0]
+    token, done, key = _first_token(logits, jnp.zeros((b,), bool), key, sampling, stop)
+    return box[0], token, done, key, logits
+
+
+def _decode(graphdef, state, cache, tokens, done, key, stop, *, sampling: Sampling, implementation: str):
+    """One token per sequence [B] -> (cache, next tokens [B], done, key, logits [B,V])."""
+    model = nnx.merge(graphdef, state)
+    positions = cache.seq_lens[:, None]  # the new token's position, [B,1]
+    box = [cache._replace(seq_lens=cache.seq_lens + 1)]
+    # A finished sequence keeps running on a dummy token (its pages cover every step); outputs masked.
+    h = _run_layers(model, jnp.maximum(tokens, 0)[:, None], positions, _decode_attention(box, positions, implementation))
+    logits = model.logits(h)[:, 0]
+    token, done, key = _first_token(logits, done, key, sampling, stop)
+    return box[0], token, done, key, logits
+
+
+# ------------------------------------------------------------------------ executables
+_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+_MAX_EXECUTABLES = 32
+_COMPILE_COUNT = [0]
+
+
+def compilations() -> int:
+    """How many prefill/decode executables this process has compiled (for recompilation checks)."""
+    return _COMPILE_COUNT[0]
+
+
+def _executable(fn, graphdef, args, statics: dict):
+    """The compiled `fn` for these argument types, compiling (and timing) on first sight.
+
+    Returns (executable, seconds spent compiling now). args[0] (the cache) is donated.
+    """
+    key = (fn.__name__, graphdef, tuple(sorted(statics.items())), jax.tree.structure(args),
+           tuple(jax.typeof(x) for x in jax.tree.leaves(args)))
+    if key in _EXECUTABLES:
+        _EXECUTABLES.move_to_end(key)
+        return _EXECUTABLES[key], 0.0
+    start = time.perf_counter()
+    jitted = jax.jit(functools.partial(fn, graphdef, **statics), donate_argnums=(1,))
+    compiled = jitted.lower(*args).compile()
+    _COMPILE_COUNT[0] += 1
+    _EXECUTABLES[key] = compiled
+    if len(_EXECUTABLES) > _MAX_EXECUTABLES:
+        _EXECUTABLES.popitem(last=False)
+    return compiled, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------ the public API
+@dataclasses.dataclass
+class Stats:
+    """Wall-clock accounting of one generation (seconds exclude compilation)."""
+
+    batch: int = 0
+    prompt_tokens: int = 0  # real prompt tokens over the batch (padding not counted)
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0  # tokens produced by decode steps over the batch (first token excluded)
+    decode_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    cache_bytes_per_token: int = 0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else math.nan
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else math.nan
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
+        raise TypeError(f"prompts: expected a list of token-id lists, found {type(prompts).__name__}")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (int, np.integer)):
+            raise TypeError("prompts: expected a list of token-id lists (a batch), found a flat list of "
+                            "ints; wrap a single prompt as [prompt]")
+        ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token ids {bad[:5]} outside [0, vocab_size={vocab_size})")
+        out.append(ids)
+    if not out:
+        raise ValueError("prompts is empty; expected at least one prompt")
+    return out
+
+
+class Stream:
+    """Iterator over the tokens of a batched generation, one int32 array [B] per step.
+
+    A sequence that has stopped (its stop token was yielded earlier) shows FINISHED (-1). After a
+    step is yielded, `logits` holds the float32 logits [B,V] its tokens were chosen from; `stats`
+    fills in as the stream runs.
+    """
+
+    def __init__(self, model: Transformer, prompts, max_new_tokens: int, *, sampling: Sampling,
+                 stop_tokens: Sequence[int], seed: int, page_size: int, cache_dtype, implementation):
+        config = model.config
+        self.prompts = _check_prompts(prompts, config.vocab_size)
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 0")
+        lengths = [len(p) for p in self.prompts]
+        kv.check_length(config, lengths, max_new_tokens)
+        self.max_new_tokens = int(max_new_tokens)
+        self.sampling = sampling
+        self.implementation = decode_implementation(config, page_size=page_size, cache_dtype=cache_dtype,
+                                                    override=implementation)
+        self.stop = jnp.asarray(sorted({int(t) for t in stop_tokens}), jnp.int32).reshape(-1)
+        self.key = jax.random.key(seed)
+        self.page_size = page_size
+        self.stats = Stats(batch=len(lengths), prompt_tokens=sum(lengths))
+        self.logits = None
+
+        b = len(lengths)
+        bucket = bucket_length(max(lengths), config.max_position_embeddings)
+        pages_per_seq = kv.pages_needed(bucket + self.max_new_tokens, page_size)
+        self.cache = kv.init_cache(config, b * pages_per_seq, b, pages_per_seq, page_size=page_size, dtype=cache_dtype)
+        self.allocator = kv.PageAllocator(self.cache.num_pages)
+        self.reserved = [n + self.max_new_tokens for n in lengths]
+        self.table = self.allocator.allocate(self.reserved, page_size, pages_per_seq)
+        self.cache = self.cache._replace(block_table=jnp.asarray(self.table))
+        self.stats.cache_bytes_per_token = kv.bytes_per_token(self.cache)
+        tokens = np.zeros((b, bucket), np.int32)
+        for i, p in enumerate(self.prompts):
+            tokens[i, : len(p)] = p
+        self.tokens, self.lengths = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
+        self.graphdef, self.state = nnx.split(model)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self.max_new_tokens == 0:
+            return
+        args = (self.state, self.cache, self.tokens, self.lengths, self.key, self.stop)
+        self.cache = None  # donated below
+        prefill, compile_s = _executable(_prefill, self.graphdef, args, {"sampling": self.sampling})
+        self.stats.compile_seconds += compile_s
+        start = time.perf_counter()
+        cache, token, done, key, logits = prefill(*args)
+        token_host = np.asarray(token)
+        self.stats.prefill_seconds = time.perf_counter() - start
+        statics = {"sampling": self.sampling, "implementation": self.implementation}
+        decode = None
+        pending = (token_host, logits, np.asarray(done))
+        try:
+            for _ in range(self.max_new_tokens - 1):
+                if pending[2].all():
+                    break
+                step_args = (self.state, cache, token, done, key, self.stop)
+                if decode is None:
+                    decode, compile_s = _executable(_decode, self.graphdef, step_args, statics)
+                    self.stats.compile_seconds += compile_s
+                    start = time.perf_counter()
+                # Dispatch the next step before handing out this one, so the device never waits on us.
+                cache, token, done, key, logits = decode(*step_args)
+                yield self._hand_out(pending)
+                pending = (np.asarray(token), logits, np.asarray(done))
+                self.stats.decode_tokens += int((pending[0] != FINISHED).sum())
+                self.stats.decode_seconds = time.perf_counter() - start
+            yield self._hand_out(pending)
+        finally:
+            self.allocator.release(self.table, self.reserved, self.page_size)
+
+    def _hand_out(self, pending) -> np.ndarray:
+        self.logits = pending[1]
+        return pending[0]
+
+
+def generate_stream(model: Transformer, prompts, max_new_tokens: int, *, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
+                    seed: int = 0, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16,
+                    implementation: str | None = None) -> Stream:
+    """Like `generate`, but an iterable `Stream` of int32 arrays [B], one per step, as they come."""
+    return Stream(model, prompts, max_new_tokens, sampling=Sampling(temperature, top_k, top_p),
+                  stop_tokens=stop_tokens, seed=seed, page_size=page_size, cache_dtype=cache_dtype,
+                  implementation=implementation)
+
+
+def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
+             seed: int = 0, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16,
+             implementation: str | None = None) -> list[list[int]]:
+    """New tokens for each prompt (a batch of token-id lists of any lengths).
+
+    Greedy when temperature is 0; otherwise samples at `temperature` within top_k / top_p. A
+    sequence ends after max_new_tokens or right after emitting one of `stop_tokens` (kept, as
+    transformers does). The cache holds bfloat16 latents unless `cache_dtype` says otherwise
+    (float32, or "fp8" for float8_e4m3fn rows with per-token scales). `implementation` overrides
+    the decode attention choice ("xla" or "mosaic_gpu").
+    """
+    stream = generate_stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, stop_tokens=stop_tokens, seed=seed, page_size=page_size,
+                             cache_dtype=cache_dtype, implementation=implementation)
+    out: list[list[int]] = [[] for _ in stream.prompts]
+    for step in stream:
+        for seq, t in zip(out, step.tolist()):
+            if t != FINISHED:
+                seq.append(t)
+    return out
