@@ -1,0 +1,128 @@
+"""Config.from_hf: every hub form is read, every maths field honoured, the unknown refused."""
+
+import copy
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from mla_jax import Config, ConfigError, Transformer
+from mla_jax.layers import param_count
+
+# Published totals (without the MTP module): V2-Lite 15.7B, V2 236B, V3 671B.
+PUBLISHED = {"deepseek-v2-lite": 15.7e9, "deepseek-v2": 236e9, "deepseek-v3": 671e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_full_size_presets_match_published_parameter_counts(name):
+    config = Config.preset(name)
+    abstract = nnx.eval_shape(lambda: Transformer(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    count = param_count(nnx.state(abstract, nnx.Param))
+    print(f"{name}: {count / 1e9:.2f}B parameters (published {PUBLISHED[name] / 1e9:g}B)")
+    assert abs(count - PUBLISHED[name]) / PUBLISHED[name] < 0.01
+
+
+def test_v3_preset_reads_deepseek_fields():
+    c = Config.preset("deepseek-v3")
+    assert (c.topk_method, c.scoring_func, c.n_group, c.topk_group, c.num_experts_per_tok) == ("noaux_tc", "sigmoid", 8, 4, 8)
+    assert c.rope_scaling.type == "yarn" and c.rope_scaling.factor == 40 and c.latent_dim == 576
+    assert [c.is_moe_layer(i) for i in range(4)] == [False, False, False, True]
+
+
+def test_v2_lite_has_no_query_compression():
+    assert Config.preset("deepseek-v2-lite").q_lora_rank is None
+
+
+def test_legacy_rope_scaling_and_transformers5_rope_parameters_agree():
+    legacy = Config.preset("deepseek-v2").to_hf()
+    modern = copy.deepcopy(legacy)
+    scaling = modern.pop("rope_scaling")
+    modern["rope_parameters"] = {"rope_type": scaling.pop("type"), "rope_theta": modern.pop("rope_theta"), **scaling}
+    assert Config.from_hf(legacy) == Config.from_hf(modern)
+
+
+def test_softmax_scale_has_yarn_correction():
+    c = Config.preset("deepseek-v3")  # mscale_all_dim = 1, factor 40
+    m = 0.1 * jnp.log(40.0) + 1.0
+    assert c.softmax_scale == pytest.approx(float(m * m) / (192 ** 0.5))
+
+
+def test_round_trip_through_hub_dict():
+    c = Config.preset("deepseek-v3")
+    assert Config.from_hf(c.to_hf()) == c
+
+
+def test_cache_bytes_per_token_from_config():
+    c = Config.preset("deepseek-v3")
+    assert c.kv_cache_bytes_per_token(2) == {
+        "mla": 61 * (512 + 64) * 2,
+        "mha": 61 * (128 * (128 + 64) + 128 * 128) * 2,
+    }
+
+
+def _v3(**changes):
+    d = Config.preset("deepseek-v3").to_hf()
+    d.update(changes)
+    return d
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model_type": "llama"}, "model_type='llama' is not supported"),
+    ({"some_new_switch": True}, r"unsupported config field\(s\) \['some_new_switch'\]"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"num_key_value_heads": 8}, "num_key_value_heads=8 must equal num_attention_heads=128"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "low_freq_factor": 1}}, r"unsupported rope_scaling field\(s\) \['low_freq_factor'\]"),
+    ({"topk_method": "random"}, "topk_method='random'"),
+    ({"scoring_func": "relu"}, "scoring_func='relu'"),
+    ({"n_group": 7}, "not divisible by n_group=7"),
+    ({"topk_group": 9}, "topk_group=9 exceeds n_group=8"),
+    ({"num_experts_per_tok": 300}, "num_experts_per_tok=300"),
+    ({"qk_rope_head_dim": 63}, "qk_rope_head_dim=63 must be even"),
+    ({"mlp_bias": True}, "mlp_bias=true exists only for deepseek_v2"),
+    ({"hidden_size": None}, r"required field\(s\) \['hidden_size'\] missing"),
+])
+def test_fields_it_cannot_honour_are_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_hf(_v3(**changes))
+
+
+def test_error_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_v3(model_type="gpt2")))
+    with pytest.raises(ConfigError, match=str(path)):
+        Config.from_hf(tmp_path)
+
+
+def test_config_is_frozen_and_hashable_for_jit():
+    c = Config.preset("deepseek-v2-lite")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.hidden_size = 1  # type: ignore[misc]
+    assert hash(c) == hash(Config.preset("deepseek-v2-lite"))
+
+
+def test_replace_keeps_validation():
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        Config.preset("deepseek-v2-lite").replace(num_experts_per_tok=65)
+
+
+@pytest.mark.parametrize("name", ["v2_lite_like", "v3_like_noaux_tc_yarn", "v3_no_interleave_no_q_lora"])
+def test_reads_what_transformers_writes(name, tmp_path):
+    pytest.importorskip("transformers")
+    from hf_models import hf_config
+
+    hf = hf_config(name)
+    hf.save_pretrained(tmp_path)
+    c = Config.from_hf(tmp_path)
+    assert (c.q_lora_rank, c.kv_lora_rank, c.n_routed_experts, c.rope_interleave) == (
+        hf.q_lora_rank, hf.kv_lora_rank, hf.n_routed_experts, getattr(hf, "rope_interleave", True))
+    assert c.rope_scaling.type == hf.rope_parameters["rope_type"]
+
+
+def test_jit_static_config():
+    c = Config.preset("deepseek-v2-lite")
+    f = jax.jit(lambda x, c: x * c.softmax_scale, static_argnums=1)
+    assert float(f(jnp.float32(1.0), c)) == pytest.approx(c.softmax_scale)
