@@ -176,7 +176,8 @@ def _torch_refs(files: dict[str, set[str] | None]) -> dict[str, Ref]:
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a damaged file
-            raise CheckpointError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from None
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {first_line})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path}: expected a flat state dict of tensors, found {type(state).__name__}")
         if indexed is not None and indexed - state.keys():
