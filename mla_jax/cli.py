@@ -13,7 +13,7 @@ import sys
 # Modules that register a sub-command, in the order `mla-jax --help` lists them. `checkpoints` sits
 # above `mla_jax` in the import graph, so its commands are imported only when the CLI starts.
 COMMAND_MODULES = [
-    "mla_jax.demo",
+    "checkpoints.demo",
     "checkpoints.cli",
     "mla_jax.training.cli",
 ]

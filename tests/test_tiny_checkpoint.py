@@ -1,0 +1,44 @@
+"""The shipped tiny V3 checkpoint: the demo passes on it, and it is exactly what make_tiny builds."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from checkpoints.make_tiny import SHIPPED, make
+from mla_jax.cli import main
+
+
+def test_demo_checks_logits_and_prints_cache_sizes(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "expanded attention vs transformers' logits" in out and "[ok" in out and "FAIL" not in out
+    assert "deepseek-v3             70,272 B     4,997,120 B" in out  # 61 x 576 x 2 vs 61 x 40960 x 2
+
+
+def test_demo_fails_loudly_when_reference_disagrees(tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(SHIPPED, copy)
+    ref = dict(np.load(copy / "reference_logits.npz"))
+    ref["logits"] = ref["logits"] * 1.01
+    np.savez(copy / "reference_logits.npz", **ref)
+    assert main(["demo", "--path", str(copy)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_regenerating_gives_the_shipped_files(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    made_with = json.load(open(os.path.join(SHIPPED, "provenance.json")))["torch"]
+    if torch.__version__ != made_with:
+        pytest.skip(f"shipped files were made with torch {made_with}; random init differs across versions")
+    out = tmp_path / "tiny_v3"
+    make(str(out))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == open(os.path.join(SHIPPED, name), "rb").read(), name
+    fresh, shipped = np.load(out / "reference_logits.npz"), np.load(os.path.join(SHIPPED, "reference_logits.npz"))
+    np.testing.assert_array_equal(fresh["tokens"], shipped["tokens"])
+    np.testing.assert_array_equal(fresh["logits"], shipped["logits"])
