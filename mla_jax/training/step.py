@@ -108,7 +108,8 @@ class Trainer:
         loads = jnp.stack(loads) if loads else jnp.zeros((0, 1), jnp.float32)
         return ce_sum / n_targets + aux_loss, (ce_sum, aux_loss, loads)
 
-    def _step(self, state: dict, frozen: dict, batch: dict):
+    def _grads(self, params: dict, frozen: dict, bias: dict, batch: dict):
+        """Summed gradients of the whole batch [A,B,T] and its statistics (CE sum, aux loss, loads [L,E])."""
         n_micro = batch["tokens"].shape[0]
         n_targets = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         n_rows = jnp.maximum(jnp.sum(jnp.any(batch["segment_ids"] != 0, axis=-1).astype(jnp.float32)), 1.0)
@@ -116,16 +117,25 @@ class Trainer:
 
         def micro_step(carry, micro):
             grads, ce, aux, loads = carry
-            (_, (m_ce, m_aux, m_loads)), g = grad_fn(state["params"], frozen, state["bias"], micro,
-                                                     n_targets, n_rows, n_micro)
+            (_, (m_ce, m_aux, m_loads)), g = grad_fn(params, frozen, bias, micro, n_targets, n_rows, n_micro)
             return (jax.tree.map(jnp.add, grads, g), ce + m_ce, aux + m_aux, loads + m_loads), None
 
         n_moe = len(self.moe_layers)
         n_experts = self.config.n_routed_experts if n_moe else 1
         zero = jnp.zeros((), jnp.float32)
-        init = (jax.tree.map(jnp.zeros_like, state["params"]), zero, zero, jnp.zeros((n_moe, n_experts), jnp.float32))
+        init = (jax.tree.map(jnp.zeros_like, params), zero, zero, jnp.zeros((n_moe, n_experts), jnp.float32))
         (grads, ce, aux_loss, loads), _ = jax.lax.scan(micro_step, init, batch)
+        return grads, ce / n_targets, aux_loss, loads
 
+    def gradients(self, state: dict, batch: dict) -> tuple[dict, jax.Array]:
+        """(gradient of the batch's mean cross-entropy + balance losses w.r.t. state["params"], mean CE)."""
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        grads, ce, _, _ = jax.jit(self._grads)(state["params"], self.frozen, state["bias"], batch)
+        return grads, ce
+
+    def _step(self, state: dict, frozen: dict, batch: dict):
+        grads, ce, aux_loss, loads = self._grads(state["params"], frozen, state["bias"], batch)
+        n_moe = len(self.moe_layers)
         updates, opt = self.optimizer.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         bias = dict(state["bias"])
@@ -138,7 +148,7 @@ class Trainer:
                      "step": state["step"] + 1}
         imbalance = (jnp.mean(jax.vmap(balance.max_over_mean)(loads)) if n_moe else jnp.full((), jnp.nan))
         metrics = {
-            "loss": ce / n_targets,
+            "loss": ce,
             "aux_loss": aux_loss,
             "lr": self.schedule(state["step"]),
             "grad_norm": optax.global_norm(grads),
