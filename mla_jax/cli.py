@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "checkpoints.demo",
     "checkpoints.cli",
     "mla_jax.training.cli",
+    "mla_jax.generate_cli",
 ]
 
 
