@@ -87,6 +87,24 @@ def entries(config: Config) -> Iterator[Entry]:
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_FUSED = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def split_fused(name: str, shape: tuple[int, ...]) -> list[tuple[str, int, int, int]] | None:
+    """transformers keeps a layer's experts fused in memory: `mlp.experts.gate_up_proj` [E,2F,D]
+    (gate rows first) and `mlp.experts.down_proj` [E,D,F]. For such a name, returns the hub's
+    per-expert names as (name, expert, first row, end row); None for any other tensor."""
+    m = _FUSED.match(name)
+    if not m or len(shape) != 3:
+        return None
+    n_experts, rows, _ = shape
+    if m["kind"] == "gate_up_proj":
+        if rows % 2:
+            raise ValueError(f"fused tensor {name!r} has shape {tuple(shape)}; expected [E, 2F, D]")
+        parts = (("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows))
+    else:
+        parts = (("down_proj", 0, rows),)
+    return [(f"{m['prefix']}.{e}.{proj}.weight", e, lo, hi) for e in range(n_experts) for proj, lo, hi in parts]
 
 
 def layer_of(hf_name: str) -> int | None:

@@ -77,15 +77,32 @@ def assemble(
             yield path, stacked, group
 
 
+def unfuse_experts(tensors: Mapping[str, object]) -> dict[str, object]:
+    """Offers transformers' in-memory fused expert tensors under the hub's per-expert names."""
+    out: dict[str, object] = {}
+    for name, tensor in tensors.items():
+        parts = names.split_fused(name, tuple(tensor.shape))
+        if parts is None:
+            out[name] = tensor
+            continue
+        for part_name, expert, lo, hi in parts:
+            out[part_name] = tensor[expert, lo:hi]
+    return out
+
+
 def load_state_dict(
     config: Config, tensors: Mapping[str, object], *, param_dtype=jnp.float32
 ) -> Transformer:
     """A concrete model from a hub state dict (numpy arrays or torch tensors), checked strictly.
 
+    Accepts the files' per-expert names and the fused experts of a live transformers model's
+    `state_dict()` alike.
+
     Missing and unexpected tensors are errors; the MTP module's tensors (layers past the last) are
     ignored, as the model does not run them.
     """
     model = abstract_model(config, param_dtype)
+    tensors = unfuse_experts(tensors)
     used: set[str] = set()
 
     def get(name: str):
@@ -97,6 +114,11 @@ def load_state_dict(
     for path, array, _ in assemble(config, model, get):
         var = variable_at(model, path)
         var.set_value(jnp.asarray(array, dtype=var.dtype))
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        # a live tied model lists the shared matrix twice; accept it only if it really is shared
+        if not np.array_equal(_as_numpy(tensors["lm_head.weight"]), _as_numpy(tensors["model.embed_tokens.weight"])):
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings is true")
+        used.add("lm_head.weight")
     unexpected = sorted(k for k in tensors if k not in used and not names.is_mtp(k, config))
     if unexpected:
         raise KeyError(f"unexpected tensor(s) in the state dict: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")

@@ -47,6 +47,15 @@ def test_logits_match_transformers(pair, form):
     assert rel_err(logits, reference) <= TOL, name
 
 
+def test_in_memory_torch_state_dict_loads_the_same_model(pair, tmp_path):
+    """transformers' live state_dict (fused experts, torch tensors) gives the same logits as its files."""
+    name, model, reference, tokens = pair
+    from hf_models import build
+
+    live = load_state_dict(model.config, build(name).state_dict())
+    np.testing.assert_array_equal(np.asarray(live(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))))
+
+
 def test_bf16_params_track_float32(pair):
     """bf16 weights compute the same function up to bf16 rounding.
 
