@@ -151,7 +151,7 @@ class Trainer:
             "loss": ce,
             "aux_loss": aux_loss,
             "lr": self.schedule(state["step"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "expert_load_max_over_mean": imbalance,
             "tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.int32)),
         }
