@@ -21,7 +21,9 @@ import collections
 import dataclasses
 import functools
 import math
+import sys
 import time
+import types
 from typing import Iterator, Sequence
 
 import jax
@@ -58,6 +60,8 @@ def decode_implementation(config, *, page_size: int, cache_dtype, override: str 
     if override not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"implementation={override!r}; expected one of {IMPLEMENTATIONS} or None")
     pages_dtype = kv.resolve_dtype(cache_dtype)
+    if override is None and jax.default_backend() != "gpu":
+        return "xla"
     return choose_implementation(
         override, q_dtype=query_dtype(pages_dtype), pages_dtype=pages_dtype, dim=config.latent_dim,
         v_dim=config.kv_lora_rank, page_size=page_size, interpret=False)
@@ -266,6 +270,8 @@ class Stream:
     def __iter__(self) -> Iterator[np.ndarray]:
         if self.max_new_tokens == 0:
             return
+        if self.cache is None:
+            raise RuntimeError("this Stream has already run (its cache was donated); call generate_stream again")
         args = (self.state, self.cache, self.tokens, self.lengths, self.key, self.stop)
         self.cache = None  # donated below
         prefill, compile_s = _executable(_prefill, self.graphdef, args, {"sampling": self.sampling})
@@ -332,3 +338,15 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: f
             if t != FINISHED:
                 seq.append(t)
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """Importing anything from `mla_jax.generate` binds the package attribute `mla_jax.generate` to
+    this module, shadowing the lazily exported function; calling the module calls `generate`, so
+    `mla_jax.generate(model, prompts, n)` works whichever of the two the attribute holds."""
+
+    def __call__(self, *args, **kwargs) -> list[list[int]]:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

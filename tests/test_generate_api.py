@@ -67,6 +67,19 @@ def test_top_k_of_one_samples_the_greedy_tokens(model):
     assert generate(model, PROMPTS, 8, temperature=0.7, top_k=1, seed=3) == generate(model, PROMPTS, 8)
 
 
+def test_package_level_generate_is_the_function_even_after_the_module_is_imported(model):
+    import mla_jax
+
+    assert mla_jax.generate(model, PROMPTS, 3) == generate(model, PROMPTS, 3)
+
+
+def test_a_stream_runs_once(model):
+    stream = generate_stream(model, PROMPTS, 2)
+    list(stream)
+    with pytest.raises(RuntimeError, match="already run"):
+        list(stream)
+
+
 def test_zero_new_tokens_gives_empty_lists(model):
     assert generate(model, PROMPTS, 0) == [[], [], []]
 

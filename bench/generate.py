@@ -1,0 +1,191 @@
+"""Decode speed of `mla_jax.generate` against transformers' `generate`, measured in one run.
+
+CPU mode (default off a GPU): the shipped tiny V3 checkpoint (`checkpoints/tiny_v3`), loaded by both
+libraries in float32, the same batch of prompts cut from the bundled corpus, greedy, a fixed number
+of new tokens (no stop token). Warm-up runs (compilation) are excluded; each figure is the median
+of `--repeats`. Decode tokens/s is measured end to end for both sides the same way:
+batch x (N - 1) / (time to generate N tokens - time to generate 1 token), so prefill is excluded.
+
+GPU mode (when JAX sees a GPU): V2-Lite layer shapes with random bf16 weights and fewer layers,
+over several batch sizes, the latent-cache decode through the Mosaic GPU kernel and the XLA
+reference; transformers joins only when torch sees a GPU too.
+
+Writes bench/results/generate-<cpu|gpu>-<date>.json (machine, versions, settings, figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from mla_jax import Config  # noqa: E402
+from mla_jax.generate import generate, generate_stream  # noqa: E402
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: compilation, allocator, caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def decode_rate(run, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Tokens/s of decoding alone: (N-1) steps' worth of tokens over the time they add to 1 step."""
+    t_n = median_seconds(lambda: run(new_tokens), repeats)
+    t_1 = median_seconds(lambda: run(1), repeats)
+    return {"seconds_for_n_tokens": t_n, "seconds_for_1_token": t_1,
+            "decode_tokens_per_s": batch * (new_tokens - 1) / (t_n - t_1)}
+
+
+def corpus_prompts(tokenizer, batch: int, lengths: list[int]) -> list[list[int]]:
+    text = open(os.path.join(os.path.dirname(HERE), "mla_jax", "data", "corpus.txt")).read()
+    ids = tokenizer.encode(text, add_bos=False)
+    return [ids[i * 97: i * 97 + lengths[i % len(lengths)]] for i in range(batch)]
+
+
+def ours_runner(model, prompts, **kwargs):
+    def run(n):
+        return generate(model, prompts, n, **kwargs)
+    return run
+
+
+def hf_runner(hf, prompts):
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+
+    def run(n):
+        with torch.no_grad():
+            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+    return run
+
+
+def cpu_bench(args) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from checkpoints.demo import load_tiny
+    from checkpoints.make_tiny import SHIPPED
+    from mla_jax.tokenizer import Tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    config, model = load_tiny(SHIPPED, param_dtype=jnp.float32)
+    hf = AutoModelForCausalLM.from_pretrained(SHIPPED, dtype=torch.float32).eval()
+    prompts = corpus_prompts(Tokenizer.from_dir(SHIPPED), args.batch, args.prompt_lengths)
+    rows = []
+    for name, run in [
+        ("transformers generate (torch, float32, dynamic KV cache)", hf_runner(hf, prompts)),
+        ("mla_jax generate (float32 latent cache)", ours_runner(model, prompts, cache_dtype=jnp.float32)),
+        ("mla_jax generate (bfloat16 latent cache, default)", ours_runner(model, prompts)),
+    ]:
+        row = {"name": name, **decode_rate(run, len(prompts), args.new_tokens, args.repeats)}
+        rows.append(row)
+        print(f"  {name:<58} {row['decode_tokens_per_s']:>10,.1f} decode tok/s")
+    same = [list(map(int, r[-args.new_tokens:])) for r in hf_runner(hf, prompts)(args.new_tokens).tolist()]
+    ours = generate(model, prompts, args.new_tokens, cache_dtype=jnp.float32)
+    speedup = rows[1]["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+    print(f"  float32 greedy tokens identical to transformers': {same == ours}; speed-up {speedup:.1f}x")
+    return {"model": "checkpoints/tiny_v3 (" + _describe(config) + ")", "rows": rows,
+            "greedy_tokens_identical": same == ours, "speedup_float32": speedup,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
+def v2_lite_shapes(layers: int) -> Config:
+    """DeepSeek-V2-Lite's layer shapes, fewer layers (the first dense, the rest MoE)."""
+    return Config.preset("deepseek-v2-lite").replace(num_hidden_layers=layers)
+
+
+def gpu_bench(args) -> dict:
+    from flax import nnx
+
+    from mla_jax import Transformer
+
+    config = v2_lite_shapes(args.gpu_layers)
+    model = Transformer(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.gpu_batches:
+        prompts = [rng.integers(0, config.vocab_size, args.gpu_prompt).tolist() for _ in range(batch)]
+        for impl in ("mosaic_gpu", "xla"):
+            name = f"mla_jax generate, batch {batch}, {impl} decode attention"
+            run = ours_runner(model, prompts, implementation=impl)
+            row = {"name": name, "batch": batch, "implementation": impl,
+                   **decode_rate(run, batch, args.new_tokens, args.repeats)}
+            stream = generate_stream(model, prompts, args.new_tokens, implementation=impl)
+            for _ in stream:
+                pass
+            row["stream_decode_tokens_per_s"] = stream.stats.decode_tokens_per_second
+            row["stream_prefill_tokens_per_s"] = stream.stats.prefill_tokens_per_second
+            rows.append(row)
+            print(f"  {name:<58} {row['decode_tokens_per_s']:>10,.1f} decode tok/s")
+    return {"model": f"V2-Lite layer shapes, {args.gpu_layers} layers, random bf16 weights", "rows": rows,
+            "prompt_tokens": args.gpu_prompt}
+
+
+def _describe(c: Config) -> str:
+    return (f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
+            f"latent {c.kv_lora_rank}+{c.qk_rope_head_dim}, {c.n_routed_experts} experts top-{c.num_experts_per_tok}")
+
+
+def write_result(kind: str, result: dict) -> str:
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", f"generate-{kind}-{datetime.date.today().isoformat()}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)  # never a half-written result
+    return path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[24, 40, 31, 17])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--gpu-layers", type=int, default=4)
+    p.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--gpu-prompt", type=int, default=512)
+    p.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto")
+    args = p.parse_args()
+    kind = args.mode if args.mode != "auto" else ("gpu" if jax.default_backend() == "gpu" else "cpu")
+    device = jax.devices()[0]
+    print(f"bench/generate.py: {kind} mode on {device.device_kind} (jax {jax.__version__})")
+    result = cpu_bench(args) if kind == "cpu" else gpu_bench(args)
+    result.update({
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "jax_device": device.device_kind},
+        "jax": jax.__version__,
+        "settings": {k: v for k, v in vars(args).items()},
+        "method": "median of repeats after a warm-up; decode tok/s = batch*(N-1)/(t(N tokens) - t(1 token))",
+    })
+    print("wrote", write_result(kind, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
