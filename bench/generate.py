@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from mla_jax import Config  # noqa: E402
-from mla_jax.generate import generate, generate_stream  # noqa: E402
+from mla_jax.generate import generate  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -65,7 +65,7 @@ def ours_runner(model, prompts, **kwargs):
     return run
 
 
-def hf_runner(hf, prompts):
+def hf_runner(hf, prompts, device: str = "cpu"):
     import torch
 
     width = max(map(len, prompts))
@@ -74,11 +74,15 @@ def hf_runner(hf, prompts):
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
 
     def run(n):
         with torch.no_grad():
-            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=0)
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return out.cpu()
     return run
 
 
@@ -113,36 +117,71 @@ def cpu_bench(args) -> dict:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
 
-def v2_lite_shapes(layers: int) -> Config:
-    """DeepSeek-V2-Lite's layer shapes, fewer layers (the first dense, the rest MoE)."""
-    return Config.preset("deepseek-v2-lite").replace(num_hidden_layers=layers)
+def v2_lite_shapes(layers: int, smoke: bool) -> Config:
+    """DeepSeek-V2-Lite's layer shapes, fewer layers (the first dense, the rest MoE).
+
+    `smoke` shrinks every width so the GPU code path can be exercised on a CPU; never reported.
+    """
+    config = Config.preset("deepseek-v2-lite").replace(num_hidden_layers=layers)
+    if smoke:
+        config = config.replace(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, vocab_size=512,
+                                num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                                v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, bos_token_id=None,
+                                eos_token_id=None)
+    return config
 
 
-def gpu_bench(args) -> dict:
+def random_pair(config: Config, torch_device: str | None):
+    """(transformers model on torch_device or None, our bf16 model with the same random weights)."""
+    import tempfile
+
     from flax import nnx
 
     from mla_jax import Transformer
 
-    config = v2_lite_shapes(args.gpu_layers)
-    model = Transformer(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    if torch_device is None:
+        return None, Transformer(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from checkpoints.demo import load_tiny
+
+    torch.manual_seed(0)
+    hf_config = AutoConfig.for_model(**config.to_hf())
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        _, ours = load_tiny(tmp, param_dtype=jnp.bfloat16)
+    return hf.to(torch_device), ours
+
+
+def gpu_bench(args) -> dict:
+    config = v2_lite_shapes(args.gpu_layers, args.smoke)
+    torch_device = None
+    try:
+        import torch
+
+        torch_device = "cuda" if torch.cuda.is_available() else ("cpu" if args.smoke else None)
+    except ImportError:
+        pass
+    hf, model = random_pair(config, torch_device)
+    on_gpu = jax.default_backend() == "gpu"
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.gpu_batches:
         prompts = [rng.integers(0, config.vocab_size, args.gpu_prompt).tolist() for _ in range(batch)]
-        for impl in ("mosaic_gpu", "xla"):
-            name = f"mla_jax generate, batch {batch}, {impl} decode attention"
-            run = ours_runner(model, prompts, implementation=impl)
-            row = {"name": name, "batch": batch, "implementation": impl,
-                   **decode_rate(run, batch, args.new_tokens, args.repeats)}
-            stream = generate_stream(model, prompts, args.new_tokens, implementation=impl)
-            for _ in stream:
-                pass
-            row["stream_decode_tokens_per_s"] = stream.stats.decode_tokens_per_second
-            row["stream_prefill_tokens_per_s"] = stream.stats.prefill_tokens_per_second
+        runs = [(impl, ours_runner(model, prompts, implementation=impl))
+                for impl in (("mosaic_gpu", "xla") if on_gpu else ("xla",))]
+        if hf is not None:
+            runs.append((f"transformers ({torch_device})", hf_runner(hf, prompts, torch_device)))
+        for impl, run in runs:
+            name = f"batch {batch}: " + (impl if impl.startswith("transformers") else f"mla_jax, {impl} decode attention")
+            row = {"name": name, "batch": batch, **decode_rate(run, batch, args.new_tokens, args.repeats)}
             rows.append(row)
             print(f"  {name:<58} {row['decode_tokens_per_s']:>10,.1f} decode tok/s")
-    return {"model": f"V2-Lite layer shapes, {args.gpu_layers} layers, random bf16 weights", "rows": rows,
-            "prompt_tokens": args.gpu_prompt}
+    return {"model": f"V2-Lite layer shapes, {args.gpu_layers} layers, random bf16 weights"
+                     + (" (SMOKE: shrunk widths)" if args.smoke else ""),
+            "rows": rows, "prompt_tokens": args.gpu_prompt}
 
 
 def _describe(c: Config) -> str:
@@ -170,6 +209,7 @@ def main() -> int:
     p.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--gpu-prompt", type=int, default=512)
     p.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--smoke", action="store_true", help="GPU mode with tiny widths, anywhere; writes nothing")
     args = p.parse_args()
     kind = args.mode if args.mode != "auto" else ("gpu" if jax.default_backend() == "gpu" else "cpu")
     device = jax.devices()[0]
@@ -183,7 +223,10 @@ def main() -> int:
         "settings": {k: v for k, v in vars(args).items()},
         "method": "median of repeats after a warm-up; decode tok/s = batch*(N-1)/(t(N tokens) - t(1 token))",
     })
-    print("wrote", write_result(kind, result))
+    if args.smoke:
+        print("smoke run: nothing written")
+    else:
+        print("wrote", write_result(kind, result))
     return 0
 
 
