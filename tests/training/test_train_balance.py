@@ -20,6 +20,7 @@ from mla_jax.model import Transformer
 from mla_jax.training import balance
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.step import Trainer
+from train_helpers import TINY_V3, batch
 
 PAD = [0.9, 0.0, 0.05, 0.05]
 SCORES = np.array([
@@ -82,39 +83,24 @@ def test_bias_update_sign_rule(name, load, expected):
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-7)
 
 
-TINY_V3 = dict(
-    model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-    num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
-    qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-    first_k_dense_replace=1, n_group=2, topk_group=1,
-)
-
-
-def _batch(rng, b=2, t=12):
-    tokens = rng.integers(0, 64, size=(1, b, t)).astype(np.int32)
-    segment_ids = np.ones((1, b, t), np.int32)
-    segment_ids[0, 1, 8:] = 0  # padding at the end of row 1
-    mask = segment_ids.astype(bool)
-    mask[..., -1] = False
-    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=-1), "loss_mask": mask,
-            "segment_ids": segment_ids, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (1, b, t)).copy()}
-
-
 def test_train_step_moves_each_bias_by_gamma_towards_balance():
     config = Config.from_hf(TINY_V3)
     model = Transformer(config, rngs=nnx.Rngs(3))
     gamma = 0.01
     trainer = Trainer(model, TrainConfig(param_dtype="float32", bias_update_speed=gamma, steps=5))
     state = trainer.init_state()
-    batch = _batch(np.random.default_rng(0))
+    b = batch(0)
     bias_before = jax.device_get(state["bias"])
-    _, aux = trainer.model(state)(jnp.asarray(batch["tokens"][0]), segment_ids=jnp.asarray(batch["segment_ids"][0]),
-                                  return_aux=True)
-    real = jnp.asarray(batch["segment_ids"][0] != 0)
-    loads = [balance.expert_load(a["experts"].reshape(2, 12, -1), 8, real) for a in aux]
-    state, _ = trainer.train_step(state, batch)
+
+    @jax.jit
+    def layer1_load(state, tokens, segment_ids):
+        _, aux = trainer.model(state)(tokens, segment_ids=segment_ids, return_aux=True)
+        return balance.expert_load(aux[0]["experts"].reshape(*tokens.shape, -1), 8, segment_ids != 0)
+
+    load = np.asarray(layer1_load(state, b["tokens"][0], b["segment_ids"][0]))
+    state, _ = trainer.train_step(state, b)
     name = "layers.1.mlp.e_score_correction_bias"
-    expected = bias_before[name] + gamma * np.sign(np.mean(loads[0]) - np.asarray(loads[0]))
+    expected = bias_before[name] + gamma * np.sign(load.mean() - load)
     np.testing.assert_allclose(np.asarray(state["bias"][name]), expected, atol=1e-7)
 
 

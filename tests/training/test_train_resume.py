@@ -1,0 +1,87 @@
+"""A run stopped at step k and resumed reproduces the uninterrupted run exactly; its result loads."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mla_jax.config import Config
+from mla_jax.load import load
+from mla_jax.model import Transformer
+from mla_jax.training.config import TrainConfig
+from mla_jax.training.loop import RunError, finetune, read_metrics
+from train_helpers import TINY_V3
+
+STEPS, STOP = 6, 3
+TC = TrainConfig(steps=STEPS, seq_len=16, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=2,
+                 param_dtype="float32", bias_update_speed=0.01, save_every=2, keep=2, log_every=100)
+FIELDS = ["step", "loss", "aux_loss", "lr", "tokens_per_s", "expert_load_max_over_mean"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(0)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": rng.integers(2, 64, size=int(n)).tolist()}) + "\n"
+                            for n in rng.integers(5, 40, size=12)))
+    model = Transformer(Config.from_hf(TINY_V3), rngs=nnx.Rngs(0))
+    quiet = dict(progress=False, log=lambda *_: None)
+    whole = finetune(model, data, root / "whole", TC, **quiet)
+    finetune(model, data, root / "split", TC, stop_after=STOP, **quiet)
+    stopped = read_metrics(str(root / "split" / "metrics.jsonl"))
+    resumed = finetune(model, data, root / "split", TC, resume=True, **quiet)
+    return root, data, model, whole, stopped, resumed
+
+
+def _losses(records):
+    return [(r["step"], r["loss"], r["aux_loss"], r["expert_load_max_over_mean"], r["grad_norm"]) for r in records]
+
+
+def test_resumed_run_reproduces_the_uninterrupted_metrics_exactly(runs):
+    root, *_ = runs
+    whole = read_metrics(str(root / "whole" / "metrics.jsonl"))
+    split = read_metrics(str(root / "split" / "metrics.jsonl"))
+    assert _losses(split) == _losses(whole) and len(whole) == STEPS
+
+
+def test_stopped_run_ends_at_its_step(runs):
+    *_, stopped, _ = runs
+    assert [r["step"] for r in stopped] == list(range(1, STOP + 1))
+
+
+def test_every_metrics_line_has_the_documented_fields(runs):
+    root, *_ = runs
+    records = read_metrics(str(root / "whole" / "metrics.jsonl"))
+    assert all(set(FIELDS) <= set(r) for r in records)
+
+
+def test_resumed_result_equals_the_uninterrupted_result(runs):
+    *_, whole, _, resumed = runs
+    a, b = load(whole["model"], dtype="float32"), load(resumed["model"], dtype="float32")
+    same = jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), nnx.state(a), nnx.state(b))
+    assert jax.tree.all(same)
+
+
+def test_result_loads_with_the_trained_weights(runs):
+    *_, whole, _, _ = runs
+    trained = load(whole["model"], dtype="float32")
+    bias = np.asarray(trained.layers[1].mlp.e_score_correction_bias[...])
+    # 6 bias updates of ±0.01 (or 0) from 0: a multiple of 0.01, and not all zero
+    assert np.allclose(bias * 100, np.round(bias * 100), atol=1e-4) and np.any(bias != 0)
+
+
+def test_fresh_run_into_an_existing_run_is_refused(runs):
+    root, data, model, *_ = runs
+    with pytest.raises(RunError, match="already holds a fine-tuning run; pass --resume"):
+        finetune(model, data, root / "whole", TC, progress=False, log=lambda *_: None)
+
+
+def test_resume_with_another_config_is_refused(runs):
+    root, data, model, *_ = runs
+    other = dataclasses.replace(TC, lr=2e-2)
+    with pytest.raises(RunError, match="lr: run has 0.01, now 0.02"):
+        finetune(model, data, root / "whole", other, resume=True, progress=False, log=lambda *_: None)
