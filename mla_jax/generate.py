@@ -235,7 +235,8 @@ class Stream:
     """
 
     def __init__(self, model: Transformer, prompts, max_new_tokens: int, *, sampling: Sampling,
-                 stop_tokens: Sequence[int], seed: int, page_size: int, cache_dtype, implementation):
+                 stop_tokens: Sequence[int], seed: int, page_size: int, cache_dtype, implementation,
+                 num_pages: int | None = None):
         config = model.config
         self.prompts = _check_prompts(prompts, config.vocab_size)
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
@@ -255,7 +256,10 @@ class Stream:
         b = len(lengths)
         bucket = bucket_length(max(lengths), config.max_position_embeddings)
         pages_per_seq = kv.pages_needed(bucket + self.max_new_tokens, page_size)
-        self.cache = kv.init_cache(config, b * pages_per_seq, b, pages_per_seq, page_size=page_size, dtype=cache_dtype)
+        # By default the pool holds every sequence at the bucket's full length; a smaller pool is
+        # shared out by what each request really needs (its prompt plus max_new_tokens).
+        pool = b * pages_per_seq if num_pages is None else num_pages
+        self.cache = kv.init_cache(config, pool, b, pages_per_seq, page_size=page_size, dtype=cache_dtype)
         self.allocator = kv.PageAllocator(self.cache.num_pages)
         self.reserved = [n + self.max_new_tokens for n in lengths]
         self.table = self.allocator.allocate(self.reserved, page_size, pages_per_seq)
@@ -310,28 +314,29 @@ class Stream:
 def generate_stream(model: Transformer, prompts, max_new_tokens: int, *, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
                     seed: int = 0, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16,
-                    implementation: str | None = None) -> Stream:
+                    implementation: str | None = None, num_pages: int | None = None) -> Stream:
     """Like `generate`, but an iterable `Stream` of int32 arrays [B], one per step, as they come."""
     return Stream(model, prompts, max_new_tokens, sampling=Sampling(temperature, top_k, top_p),
                   stop_tokens=stop_tokens, seed=seed, page_size=page_size, cache_dtype=cache_dtype,
-                  implementation=implementation)
+                  implementation=implementation, num_pages=num_pages)
 
 
 def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
              seed: int = 0, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16,
-             implementation: str | None = None) -> list[list[int]]:
+             implementation: str | None = None, num_pages: int | None = None) -> list[list[int]]:
     """New tokens for each prompt (a batch of token-id lists of any lengths).
 
     Greedy when temperature is 0; otherwise samples at `temperature` within top_k / top_p. A
     sequence ends after max_new_tokens or right after emitting one of `stop_tokens` (kept, as
     transformers does). The cache holds bfloat16 latents unless `cache_dtype` says otherwise
     (float32, or "fp8" for float8_e4m3fn rows with per-token scales). `implementation` overrides
-    the decode attention choice ("xla" or "mosaic_gpu").
+    the decode attention choice ("xla" or "mosaic_gpu"). `num_pages` caps the cache pool (pages
+    of `page_size` tokens per layer); a batch that does not fit is a CacheError before any work.
     """
     stream = generate_stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, stop_tokens=stop_tokens, seed=seed, page_size=page_size,
-                             cache_dtype=cache_dtype, implementation=implementation)
+                             cache_dtype=cache_dtype, implementation=implementation, num_pages=num_pages)
     out: list[list[int]] = [[] for _ in stream.prompts]
     for step in stream:
         for seq, t in zip(out, step.tolist()):

@@ -80,6 +80,11 @@ def test_a_stream_runs_once(model):
         list(stream)
 
 
+def test_a_pool_just_large_enough_for_the_real_lengths_suffices(model):
+    # Pages needed: ceil((5+4)/4) + ceil((9+4)/4) + ceil((2+4)/4) = 3 + 4 + 2, fewer than the bucket's 3 x 5.
+    assert generate(model, PROMPTS, 4, page_size=4, num_pages=9) == generate(model, PROMPTS, 4, page_size=4)
+
+
 def test_zero_new_tokens_gives_empty_lists(model):
     assert generate(model, PROMPTS, 0) == [[], [], []]
 
@@ -104,6 +109,7 @@ BAD_CALLS = {
     "negative temperature": (dict(temperature=-0.5), ValueError, "temperature=-0.5"),
     "unknown implementation": (dict(implementation="cuda"), ValueError, "implementation='cuda'"),
     "unknown cache dtype": (dict(cache_dtype="int8"), CacheError, "cache dtype 'int8'"),
+    "cache pool too small": (dict(num_pages=2, page_size=4), CacheError, r"out of cache pages: the batch needs 9 pages of 4 tokens \(\[9, 13, 6\] tokens\), 2 of 2 are free"),
 }
 
 
