@@ -6,7 +6,6 @@ loaded through the project's loader; both sides run in float32.
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from flax import nnx
 import hf_models
 from checkpoints.state_dict import load_state_dict
 from mla_jax import Config
-from mla_jax.generate import FINISHED, compilations, generate, generate_stream
+from mla_jax.generate import FINISHED, generate, generate_stream
 
 MODELS = ["v2_lite_like", "v3_like_noaux_tc_yarn"]
 PROMPT_LENGTHS = [5, 11, 3]

@@ -4,7 +4,6 @@ One small random model of our own (no torch): 3 layers, a dense and an MoE layer
 """
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
