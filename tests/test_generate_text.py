@@ -118,6 +118,16 @@ def test_cli_closes_with_prefill_and_decode_speed(cli_output):
     assert re.match(r"prefill: [\d,]+\.\d tok/s, decode: [\d,]+\.\d tok/s \(batch 1, ", lines[-1])
 
 
+def test_cli_reads_an_mla_jax_checkpoint_like_the_hub_directory(cli_output, tmp_path, capsys):
+    from mla_jax.load import save
+
+    save(load_model(SHIPPED, "float32"), tmp_path / "ckpt", tokenizer_from=SHIPPED)
+    args = list(CLI_ARGS)
+    args[args.index(SHIPPED)] = str(tmp_path / "ckpt")
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[:-1] == cli_output[0][:-1]
+
+
 def test_cli_reports_an_unusable_checkpoint_directory(tmp_path, capsys):
     shutil.copy(f"{SHIPPED}/tokenizer.json", tmp_path)
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "x"]) == 1
