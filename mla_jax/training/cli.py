@@ -61,7 +61,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-shuffle", action="store_true", default=None, help="keep the rows in file order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--demo", action="store_true",
-                   help="train a tiny model on the bundled public-domain text (CPU, about a minute)")
+                   help="fine-tune the shipped tiny checkpoint on the bundled public-domain text (CPU, under "
+                        "a minute); other options override the demo's settings")
     p.set_defaults(func=run)
 
 
@@ -87,11 +88,16 @@ def _train_config(args, stored: dict | None):
 def run(args) -> int:
     resume = False if args.resume is None else (True if args.resume == "latest" else int(args.resume))
     if args.demo:
-        from mla_jax.training.demo import run_demo
+        if args.ckpt or args.data:
+            raise SystemExit("mla-jax finetune --demo: trains the shipped tiny checkpoint on the bundled text; "
+                             "drop --ckpt and --data")
+        # The shipped checkpoint is in the hub layout: only `checkpoints` reads it (no torch needed).
+        from checkpoints.demo import load_tiny
+        from mla_jax.training.demo import run_demo, tiny_checkpoint_dir
 
-        if args.ckpt or args.data or _given(args):
-            raise SystemExit("mla-jax finetune --demo: takes only --out, --resume and --no-progress")
-        run_demo(args.out, resume=resume, progress=not args.no_progress)
+        tiny = tiny_checkpoint_dir()
+        _, model = load_tiny(tiny)
+        run_demo(model, tiny, args.out, overrides=_given(args), resume=resume, progress=not args.no_progress)
         return 0
     stored = None
     if resume is not False:

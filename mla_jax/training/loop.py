@@ -195,7 +195,7 @@ def _train(trainer, state, batches, records, metrics_path, ckpts, start, end, pr
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if done % tc.log_every == 0 or done == start + 1 or done == end:
-                    bar.write(_line(record))
+                    (bar.write if progress else log)(_line(record))
                 if done % tc.save_every == 0 or done == end:
                     ckpts.save(done, state, _meta(trainer, batches, done, fingerprint))
     except KeyboardInterrupt:

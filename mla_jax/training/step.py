@@ -66,13 +66,16 @@ class Trainer:
     def init_state(self) -> dict:
         """A fresh state: float32 masters of the model's weights (or new adapters), a new optimizer."""
         params = self._initial_trainable()
-        return {
+        state = {
             "params": params,
             "bias": {n: jnp.array(v, jnp.float32, copy=True) for n, v in self.parts.rest().items()},
             "opt": self.optimizer.init(params),
             "rng": jax.random.key_data(jax.random.key(self.tc.seed)),
             "step": jnp.zeros((), jnp.int32),
         }
+        # Committed to one device like the step's outputs (and orbax's restores): were some leaves
+        # uncommitted, the second step would compile the whole step again.
+        return jax.device_put(state, jax.devices()[0])
 
     def abstract_state(self) -> dict:
         return jax.eval_shape(self.init_state)
