@@ -79,7 +79,7 @@ def make(out_dir: str) -> None:
         model.save_pretrained(tmp)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump({"bos_token": BOS, "eos_token": EOS, "add_bos_token": True,
+            json.dump({"bos_token": BOS, "eos_token": EOS, "add_bos_token": False,
                        "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
         np.savez(os.path.join(tmp, "reference_logits.npz"), tokens=tokens.astype(np.int32), logits=logits,
                  prompt=np.array(PROMPT))
