@@ -45,8 +45,13 @@ def test_encoding_equals_transformers_tokenizer(tokenizer, name):
     assert tokenizer.encode(TEXTS[name], add_bos=False) == want
 
 
-def test_bos_is_prepended_as_tokenizer_config_asks(tokenizer):
-    assert tokenizer.encode("Four")[0] == tokenizer.bos_token_id == 0
+@pytest.mark.parametrize("add_bos_token", [True, False])
+def test_bos_is_prepended_as_tokenizer_config_asks(tmp_path, add_bos_token):
+    shutil.copy(f"{SHIPPED}/tokenizer.json", tmp_path)
+    config = json.load(open(f"{SHIPPED}/tokenizer_config.json")) | {"add_bos_token": add_bos_token}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert (tokenizer.encode("Four")[0] == tokenizer.bos_token_id == 0) == add_bos_token
 
 
 def test_eos_ids_come_from_the_checkpoint(tokenizer):
