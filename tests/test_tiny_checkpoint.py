@@ -15,6 +15,7 @@ def test_demo_checks_logits_and_prints_cache_sizes(capsys):
     out = capsys.readouterr().out
     assert "expanded attention vs transformers' logits" in out and "[ok" in out and "FAIL" not in out
     assert "deepseek-v3             70,272 B     4,997,120 B" in out  # 61 x 576 x 2 vs 61 x 40960 x 2
+    assert "cache measured from its arrays: 288 B/token (= 3 layers x (32 + 16) x 2 B: ok)" in out
 
 
 def test_demo_fails_loudly_when_reference_disagrees(tmp_path, capsys):
