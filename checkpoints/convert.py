@@ -75,6 +75,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype="bfloat16",
 
         for path, array, _ in assemble(config, model, read):
             writer.add(path, array.astype(variable_at(model, path).dtype, copy=False))
+            del array  # the writer holds it until written; the next variable must not wait on us
         writer.flush()  # the MTP layer gets parts of its own, so loading never touches them
         for name in mtp:
             writer.add(("mtp", name), read(name).astype(target, copy=False))

@@ -37,7 +37,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "generation_config.json",
 )
-DEFAULT_PART_BYTES = 256 << 20
+DEFAULT_PART_BYTES = 128 << 20
 
 Path = tuple  # ("layers", 0, "self_attn", "q_b_proj", "kernel"); ("mtp", "<hub name>") for extras
 
@@ -80,9 +80,7 @@ class Writer:
         self.stage = Staging(dst, overwrite=overwrite)
         self.part_bytes = part_bytes
         os.makedirs(os.path.join(self.stage.tmp, STATE_DIR))
-        import orbax.checkpoint as ocp
-
-        self._checkpointer = ocp.StandardCheckpointer()
+        self._checkpointer = _saver()
         self._pending: dict[Path, Any] = {}
         self._pending_bytes = 0
         self._items: list[dict] = []
@@ -98,15 +96,18 @@ class Writer:
         return False
 
     def add(self, path: Path, array) -> None:
-        """Queue one whole variable (numpy or jax array); a full part goes to disk at once."""
+        """Queue one whole variable (numpy or jax array); a full part goes to disk first."""
         path = tuple(path)
         if path in self._seen:
             raise CheckpointError(f"variable {path_name(path)} written twice")
         self._seen.add(path)
+        nbytes = int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
+        if self._pending and self._pending_bytes + nbytes > self.part_bytes:
+            self.flush()  # so a part never exceeds max(part_bytes, one variable)
         self._pending[path] = array
-        self._pending_bytes += int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
+        self._pending_bytes += nbytes
         if self._pending_bytes >= self.part_bytes:
-            self.flush()
+            self.flush()  # now, so the caller can drop its reference before building the next
 
     def flush(self) -> None:
         if not self._pending:
@@ -117,7 +118,9 @@ class Writer:
         ]
         # Async: this part is written while the caller reads the next one; orbax finishes the
         # previous save before starting a new one, so at most two parts are alive.
-        self._checkpointer.save(os.path.join(self.stage.tmp, STATE_DIR, name), _nest(self._pending))
+        import orbax.checkpoint as ocp
+
+        self._checkpointer.save(os.path.join(self.stage.tmp, STATE_DIR, name), args=ocp.args.PyTreeSave(_nest(self._pending)))
         self._items.append({"dir": name, "variables": variables})
         self._pending, self._pending_bytes = {}, 0
 
@@ -166,6 +169,25 @@ class Staging:
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _saver():
+    """An async orbax PyTree checkpointer that writes numpy arrays without copying them first.
+
+    orbax's default numpy handler deep-copies every array before its background write, to guard
+    against the caller mutating it; the writer hands over arrays it never touches again, so that
+    copy would only double the peak memory of a conversion. Compression is off: zstd over float
+    weights saves little space and costs CPU time and another buffer per array.
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers
+
+    registry = type_handlers.create_type_handler_registry(
+        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, type_handlers.get_type_handler(jax.Array)),
+    )
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+    return ocp.AsyncCheckpointer(handler)
 
 
 def check_destination(dst: str, overwrite: bool) -> None:

@@ -1,0 +1,181 @@
+"""Converter throughput and peak memory on a synthetic checkpoint with DeepSeek-V2-Lite layer shapes.
+
+Writes random bf16 safetensors shards (hidden 2048, 16 heads, kv_lora 512, no q_lora, 64 experts
+of 1408 + 2 shared, first layer dense 10944, vocab 102400; fewer layers than the real 27) to a temp
+directory, then runs `checkpoints.convert.convert` in a child process and reports the source size,
+GB/s, and the child's peak resident memory (VmHWM), also as a fraction of the checkpoint size.
+The result goes to bench/results/convert-cpu-<date>.json.
+
+    python bench/convert.py [--layers 6] [--workdir /tmp] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from checkpoints import names, safetensors_io as st  # noqa: E402
+from mla_jax.config import Config  # noqa: E402
+from mla_jax.load import abstract_model  # noqa: E402
+from checkpoints.state_dict import variable_at  # noqa: E402
+
+V2_LITE = dict(
+    model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+    moe_intermediate_size=1408, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512,
+    q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+    n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
+    topk_method="greedy", n_group=1, topk_group=1, scoring_func="softmax", norm_topk_prob=False,
+    routed_scaling_factor=1.0, max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000,
+    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                  "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=100000, eos_token_id=100001,
+)
+SHARD_BYTES = 2 << 30
+
+_CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+
+
+def hwm_kb():
+    # VmHWM: this process's own peak RSS (ru_maxrss would carry the parent's peak across exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+from checkpoints.convert import convert
+base = hwm_kb()
+t = time.perf_counter()
+report = convert({src!r}, {dst!r}, dtype="bfloat16", progress=False)
+seconds = time.perf_counter() - t
+print(json.dumps(dict(seconds=seconds, bytes=report.bytes_read, tensors=report.tensors,
+                      rss_after_imports_kb=base, peak_rss_kb=hwm_kb())))
+"""
+
+
+def write_synthetic(directory: str, layers: int, seed: int = 0) -> tuple[int, int, int]:
+    """Random bf16 shards + index + config.json; returns (bytes, tensors, shards)."""
+    raw = {**V2_LITE, "num_hidden_layers": layers}
+    config = Config.from_hf(raw)
+    model = abstract_model(config)
+    specs = []
+    for e in names.entries(config):
+        shape = tuple(variable_at(model, e.path).shape)
+        specs.append((e.hf, np.dtype(ml_dtypes.bfloat16), names.hub_shape(e, shape[1:] if e.expert is not None else shape)))
+    shards, size = [[]], 0
+    for spec in specs:
+        nbytes = int(np.prod(spec[2])) * 2
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    rng = np.random.default_rng(seed)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        arrays = ((0.02 * rng.standard_normal(shape, np.float32)).astype(ml_dtypes.bfloat16) for _, _, shape in shard)
+        st.write_file(os.path.join(directory, file), shard, arrays)
+        weight_map.update({name: file for name, _, _ in shard})
+    total = sum(int(np.prod(s)) * 2 for _, _, s in specs)
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(raw, f)
+    return total, len(specs), len(shards)
+
+
+def drop_page_cache() -> bool:
+    """Best effort, so the converter reads from disk rather than from the cache the writer filled."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    import jax
+    import orbax.checkpoint as ocp
+
+    return dict(cpu=cpu, cores=os.cpu_count(), ram_gb=round(mem / 2**30, 1), python=platform.python_version(),
+                jax=jax.__version__, orbax=ocp.__version__, numpy=np.__version__, platform=platform.platform())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6, help="decoder layers (first dense, rest MoE)")
+    parser.add_argument("--workdir", default="/tmp", help="where the synthetic checkpoint and output go")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the output")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="mla-jax-bench-convert-", dir=args.workdir)
+    src, dst = os.path.join(work, "hf"), os.path.join(work, "ckpt")
+    os.makedirs(src)
+    try:
+        t = time.perf_counter()
+        total, tensors, shards = write_synthetic(src, args.layers)
+        print(f"synthetic checkpoint: {total / 1e9:.2f} GB, {tensors} tensors, {shards} shards "
+              f"(written in {time.perf_counter() - t:.0f} s)", flush=True)
+        cold = drop_page_cache()
+        child = subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT, src=src, dst=dst)],
+                               capture_output=True, text=True)
+        if child.returncode:
+            print(child.stderr, file=sys.stderr)
+            return child.returncode
+        run = json.loads(child.stdout.strip().splitlines()[-1])
+        out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    peak = run["peak_rss_kb"] * 1024
+    result = dict(
+        benchmark="convert", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine(), model="synthetic, DeepSeek-V2-Lite layer shapes", layers=args.layers,
+        source=dict(format="safetensors bf16, sharded with index", bytes=total, tensors=tensors, shards=shards,
+                    page_cache_dropped_before_convert=cold),
+        output=dict(dtype="bfloat16", bytes_on_disk=out_bytes),
+        seconds=round(run["seconds"], 2), gb_per_s=round(total / 1e9 / run["seconds"], 3),
+        peak_rss_bytes=peak, peak_rss_fraction_of_checkpoint=round(peak / total, 4),
+        rss_after_imports_bytes=run["rss_after_imports_kb"] * 1024,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"convert-cpu-{datetime.date.today().isoformat()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    print(f"converted {total / 1e9:.2f} GB in {run['seconds']:.1f} s = {result['gb_per_s']:.2f} GB/s; "
+          f"peak RSS {peak / 1e9:.2f} GB = {100 * peak / total:.1f}% of the checkpoint "
+          f"(after imports {run['rss_after_imports_kb'] / 1e6:.2f} GB); page cache dropped: {cold}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
