@@ -1,12 +1,15 @@
 """The model as flat dicts of arrays keyed by dotted variable path ("layers.1.mlp.gate"), and back.
 
 Training works on plain dicts: optax, the weight-decay mask, LoRA and orbax all see the same names,
-and `ModelParts.merge` turns them back into a `Transformer` inside or outside `jax.jit`.
-Parameters (`nnx.Param`) and the other variables (the router's `RouterBias`) are kept apart, so that
-differentiating with respect to the parameters never touches the bias.
+and `Layout.merge` turns them back into a `Transformer` inside or outside `jax.jit`. Parameters
+(`nnx.Param`) and the other variables (the router's `RouterBias`) are kept apart, so that
+differentiating with respect to the parameters never touches the bias. A `Layout` is hashable and
+compares equal for equal models, so compiled steps are shared between runs of the same model.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 from flax import nnx
@@ -30,36 +33,38 @@ def _name(path) -> str:
     return ".".join(parts)
 
 
-class _Flat:
-    """One nnx.State <-> {name: leaf}."""
-
-    def __init__(self, state: nnx.State):
-        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(state)
-        self.names = [_name(p) for p, _ in leaves]
-        if len(set(self.names)) != len(self.names):
-            raise AssertionError("two model variables share a dotted name")
-        self.initial = {n: leaf for n, (_, leaf) in zip(self.names, leaves)}
-
-    def unflatten(self, flat: dict) -> nnx.State:
-        missing = [n for n in self.names if n not in flat]
-        if missing:
-            raise KeyError(f"model variable(s) {missing[:4]} missing")
-        return jax.tree_util.tree_unflatten(self.treedef, [flat[n] for n in self.names])
+def _flatten(state: nnx.State):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    names = tuple(_name(p) for p, _ in leaves)
+    if len(set(names)) != len(names):
+        raise AssertionError("two model variables share a dotted name")
+    return treedef, names, {n: leaf for n, (_, leaf) in zip(names, leaves)}
 
 
-class ModelParts:
-    """A model split once into its graph, its parameters and its other variables."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How flat {name: array} dicts become the model again: its graph and the two trees' structure."""
 
-    def __init__(self, model: Transformer):
-        self.config = model.config
-        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        self._params, self._rest = _Flat(params), _Flat(rest)
+    graphdef: nnx.GraphDef
+    params_def: jax.tree_util.PyTreeDef
+    param_names: tuple[str, ...]
+    rest_def: jax.tree_util.PyTreeDef
+    rest_names: tuple[str, ...]
 
-    def params(self) -> dict[str, jax.Array]:
-        return dict(self._params.initial)
+    def merge(self, params: dict, rest: dict) -> Transformer:
+        def tree(treedef, names, flat, what):
+            missing = [n for n in names if n not in flat]
+            if missing:
+                raise KeyError(f"model {what} {missing[:4]} missing")
+            return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
-    def rest(self) -> dict[str, jax.Array]:
-        return dict(self._rest.initial)
+        return nnx.merge(self.graphdef, tree(self.params_def, self.param_names, params, "parameter(s)"),
+                         tree(self.rest_def, self.rest_names, rest, "variable(s)"))
 
-    def merge(self, params: dict[str, jax.Array], rest: dict[str, jax.Array]) -> Transformer:
-        return nnx.merge(self.graphdef, self._params.unflatten(params), self._rest.unflatten(rest))
+
+def split(model: Transformer) -> tuple[Layout, dict[str, jax.Array], dict[str, jax.Array]]:
+    """(layout, parameters {name: array}, other variables {name: array}) of a model."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params_def, param_names, flat_params = _flatten(params)
+    rest_def, rest_names, flat_rest = _flatten(rest)
+    return Layout(graphdef, params_def, param_names, rest_def, rest_names), flat_params, flat_rest

@@ -7,7 +7,8 @@ and updates too small for bfloat16 still accumulate in the masters.
 
 A batch is [A,B,T]: A micro batches of B rows scanned one after another. Each micro batch adds the
 gradient of (its cross-entropy sum / the batch's target count + its share of the balance losses),
-so the summed gradient is exactly that of the whole batch's mean loss, whatever A is.
+so the summed gradient is exactly that of the whole batch's mean loss, whatever A is. (V2's
+expert-level loss is the exception: like DeepSeek's, it is computed per micro batch and averaged.)
 
 The train state is a dict of plain pytrees (what the checkpoint saves):
   params  {name: float32}  trainable masters (all nnx.Param, or the LoRA adapters)
@@ -15,9 +16,15 @@ The train state is a dict of plain pytrees (what the checkpoint saves):
   opt     optax state
   rng     uint32[2]        PRNG key data, split every step (the model has no dropout today)
   step    int32            updates done; also the data position
+
+The step is compiled once per `Spec` (model layout + train config), shared by every `Trainer` of
+an equal model: a resumed run in the same process does not compile again.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,49 +35,151 @@ from mla_jax.model import Transformer
 from mla_jax.training import balance, lora, optim
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.losses import cross_entropy
-from mla_jax.training.params import ModelParts
+from mla_jax.training.params import Layout, split
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Everything static about a step (hashable: the key of the compiled step)."""
+
+    layout: Layout
+    tc: TrainConfig  # resolved
+    compute_dtype: str
+    moe_layers: tuple[int, ...]
+    n_experts: int
+    lora_targets: tuple[tuple[str, tuple[int, ...], int], ...]  # (kernel name, shape, input dims)
+
+    @property
+    def targets(self) -> dict:
+        return {name: (shape, in_dims) for name, shape, in_dims in self.lora_targets}
+
+    def weights(self, params: dict, frozen: dict) -> dict:
+        """The model's parameters in its compute dtype from the trainable masters (and frozen base)."""
+        if self.tc.lora_rank:
+            return lora.apply(frozen, params, self.targets, self.tc.lora_alpha / self.tc.lora_rank)
+        return {n: v.astype(self.compute_dtype) for n, v in params.items()}
+
+    def bias_name(self, layer: int) -> str:
+        return f"layers.{layer}.mlp.e_score_correction_bias"
+
+
+def _loss(spec: Spec, params, frozen, bias, micro, n_targets, n_rows, n_micro):
+    tc = spec.tc
+    model = spec.layout.merge(spec.weights(params, frozen), bias)
+    logits, aux = model(micro["tokens"], positions=micro["positions"], segment_ids=micro["segment_ids"],
+                        return_aux=True)
+    ce_sum, _ = cross_entropy(logits, micro["targets"], micro["loss_mask"])
+    real = micro["segment_ids"] != 0
+    b, t = real.shape
+    aux_loss = jnp.zeros((), jnp.float32)
+    loads = []
+    for layer in aux:
+        scores = layer["scores"].reshape(b, t, -1)
+        experts = layer["experts"].reshape(b, t, -1)
+        if tc.seq_aux_alpha:
+            aux_loss += jnp.sum(balance.sequence_balance_loss(scores, experts, real, tc.seq_aux_alpha)) / n_rows
+        if tc.expert_aux_alpha:
+            aux_loss += balance.expert_balance_loss(scores, experts, real, tc.expert_aux_alpha) / n_micro
+        loads.append(balance.expert_load(experts, spec.n_experts, real))
+    loads = jnp.stack(loads) if loads else jnp.zeros((0, spec.n_experts), jnp.float32)
+    return ce_sum / n_targets + aux_loss, (ce_sum, aux_loss, loads)
+
+
+def _grads(spec: Spec, params: dict, frozen: dict, bias: dict, batch: dict):
+    """Summed gradients of the whole batch [A,B,T]; its mean CE, aux loss and loads [L,E]."""
+    n_micro = batch["tokens"].shape[0]
+    n_targets = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    n_rows = jnp.maximum(jnp.sum(jnp.any(batch["segment_ids"] != 0, axis=-1).astype(jnp.float32)), 1.0)
+    grad_fn = jax.value_and_grad(functools.partial(_loss, spec), has_aux=True)
+
+    def micro_step(carry, micro):
+        grads, ce, aux, loads = carry
+        (_, (m_ce, m_aux, m_loads)), g = grad_fn(params, frozen, bias, micro, n_targets, n_rows, n_micro)
+        return (jax.tree.map(jnp.add, grads, g), ce + m_ce, aux + m_aux, loads + m_loads), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (jax.tree.map(jnp.zeros_like, params), zero, zero,
+            jnp.zeros((len(spec.moe_layers), spec.n_experts), jnp.float32))
+    (grads, ce, aux_loss, loads), _ = jax.lax.scan(micro_step, init, batch)
+    return grads, ce / n_targets, aux_loss, loads
+
+
+def _step(spec: Spec, state: dict, frozen: dict, batch: dict):
+    tc = spec.tc
+    grads, ce, aux_loss, loads = _grads(spec, state["params"], frozen, state["bias"], batch)
+    updates, opt = optimizer(spec).update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    bias = dict(state["bias"])
+    if tc.bias_update_speed:
+        for j, layer in enumerate(spec.moe_layers):
+            bias[spec.bias_name(layer)] = balance.update_bias(bias[spec.bias_name(layer)], loads[j], tc.bias_update_speed)
+    rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    new_state = {"params": params, "bias": bias, "opt": opt, "rng": jax.random.key_data(rng),
+                 "step": state["step"] + 1}
+    imbalance = jnp.mean(jax.vmap(balance.max_over_mean)(loads)) if spec.moe_layers else jnp.full((), jnp.nan)
+    metrics = {
+        "loss": ce,
+        "aux_loss": aux_loss,
+        "lr": optim.schedule(tc)(state["step"]),
+        "grad_norm": optax.tree.norm(grads),
+        "expert_load_max_over_mean": imbalance,
+        "tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.int32)),
+    }
+    return new_state, metrics
+
+
+def optimizer(spec: Spec) -> optax.GradientTransformation:
+    names = [f"{n}.lora_{ab}" for n, _, _ in spec.lora_targets for ab in "ab"] or spec.layout.param_names
+    return optim.optimizer(spec.tc, names)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(spec: Spec):
+    return jax.jit(functools.partial(_step, spec), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_grads(spec: Spec):
+    return jax.jit(functools.partial(_grads, spec))
 
 
 class Trainer:
-    """Holds what does not change during a run (graph, frozen weights, optimizer) and the step."""
+    """A model's step, its frozen weights (LoRA) and its initial state."""
 
     def __init__(self, model: Transformer, tc: TrainConfig):
         self.config = model.config
-        self.tc = tc = tc.resolve(model.config)
-        self.parts = ModelParts(model)
-        base = self.parts.params()
+        tc = tc.resolve(model.config)
+        layout, base, self._rest = split(model)
         dtypes = {np.dtype(v.dtype).name for v in base.values()}
         if len(dtypes) != 1:
             raise ValueError(f"the model's parameters mix dtypes {sorted(dtypes)}; expected one")
-        self.compute_dtype = dtypes.pop()
-        self.lora_targets = lora.targets(model) if tc.lora_rank else {}
+        targets = lora.targets(model) if tc.lora_rank else {}
+        moe_layers = tuple(i for i, layer in enumerate(model.layers) if layer.is_moe)
+        self.spec = Spec(layout, tc, dtypes.pop(), moe_layers, model.config.n_routed_experts or 1,
+                         tuple((n, s, d) for n, (s, d) in sorted(targets.items())))
         # LoRA freezes the base in its own dtype; full fine-tuning trains float32 masters of it all.
         self.frozen = base if tc.lora_rank else {}
-        self.moe_layers = [i for i, layer in enumerate(model.layers) if layer.is_moe]
-        rest = self.parts.rest()
-        self.bias_names = [f"layers.{i}.mlp.e_score_correction_bias" for i in self.moe_layers
-                           if f"layers.{i}.mlp.e_score_correction_bias" in rest]
-        self.schedule = optim.schedule(tc)
         self._base = base
-        names = jax.eval_shape(self._initial_trainable).keys()
-        self.optimizer = optim.optimizer(tc, names)
-        self.step = jax.jit(self._step, donate_argnums=0)
+        self.optimizer = optimizer(self.spec)
+        self.schedule = optim.schedule(tc)
 
-    # ------------------------------------------------------------------ state
-    def _initial_trainable(self) -> dict[str, jax.Array]:
-        if self.tc.lora_rank:
-            return lora.init(self.lora_targets, self.tc.lora_rank, jax.random.fold_in(jax.random.key(self.tc.seed), 1))
-        # Copies: the step donates the state, and the model's own arrays must survive that.
-        return {n: jnp.array(v, jnp.float32, copy=True) for n, v in self._base.items()}
+    @property
+    def tc(self) -> TrainConfig:
+        return self.spec.tc
 
     def init_state(self) -> dict:
         """A fresh state: float32 masters of the model's weights (or new adapters), a new optimizer."""
-        params = self._initial_trainable()
+        tc = self.tc
+        if tc.lora_rank:
+            params = lora.init(self.spec.targets, tc.lora_rank, jax.random.fold_in(jax.random.key(tc.seed), 1))
+        else:
+            # Copies: the step donates the state, and the model's own arrays must survive that.
+            params = {n: jnp.array(v, jnp.float32, copy=True) for n, v in self._base.items()}
         state = {
             "params": params,
-            "bias": {n: jnp.array(v, jnp.float32, copy=True) for n, v in self.parts.rest().items()},
+            "bias": {n: jnp.array(v, jnp.float32, copy=True) for n, v in self._rest.items()},
             "opt": self.optimizer.init(params),
-            "rng": jax.random.key_data(jax.random.key(self.tc.seed)),
+            "rng": jax.random.key_data(jax.random.key(tc.seed)),
             "step": jnp.zeros((), jnp.int32),
         }
         # Committed to one device like the step's outputs (and orbax's restores): were some leaves
@@ -80,87 +189,17 @@ class Trainer:
     def abstract_state(self) -> dict:
         return jax.eval_shape(self.init_state)
 
-    def weights(self, params: dict, frozen: dict) -> dict:
-        """The model's parameters in its compute dtype from the trainable masters (and frozen base)."""
-        if self.tc.lora_rank:
-            return lora.apply(frozen, params, self.lora_targets, self.tc.lora_alpha / self.tc.lora_rank)
-        return {n: v.astype(self.compute_dtype) for n, v in params.items()}
-
     def model(self, state: dict) -> Transformer:
         """The trained model (LoRA merged into the kernels, router biases as updated)."""
-        return self.parts.merge(self.weights(state["params"], self.frozen), state["bias"])
-
-    # ------------------------------------------------------------------ the step
-    def _loss(self, params, frozen, bias, micro, n_targets, n_rows, n_micro):
-        model = self.parts.merge(self.weights(params, frozen), bias)
-        logits, aux = model(micro["tokens"], positions=micro["positions"], segment_ids=micro["segment_ids"],
-                            return_aux=True)
-        ce_sum, _ = cross_entropy(logits, micro["targets"], micro["loss_mask"])
-        real = micro["segment_ids"] != 0
-        b, t = real.shape
-        aux_loss = jnp.zeros((), jnp.float32)
-        loads = []
-        for layer in aux:
-            scores = layer["scores"].reshape(b, t, -1)
-            experts = layer["experts"].reshape(b, t, -1)
-            if self.tc.seq_aux_alpha:
-                aux_loss += jnp.sum(balance.sequence_balance_loss(scores, experts, real, self.tc.seq_aux_alpha)) / n_rows
-            if self.tc.expert_aux_alpha:
-                aux_loss += balance.expert_balance_loss(scores, experts, real, self.tc.expert_aux_alpha) / n_micro
-            loads.append(balance.expert_load(experts, scores.shape[-1], real))
-        loads = jnp.stack(loads) if loads else jnp.zeros((0, 1), jnp.float32)
-        return ce_sum / n_targets + aux_loss, (ce_sum, aux_loss, loads)
-
-    def _grads(self, params: dict, frozen: dict, bias: dict, batch: dict):
-        """Summed gradients of the whole batch [A,B,T] and its statistics (CE sum, aux loss, loads [L,E])."""
-        n_micro = batch["tokens"].shape[0]
-        n_targets = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-        n_rows = jnp.maximum(jnp.sum(jnp.any(batch["segment_ids"] != 0, axis=-1).astype(jnp.float32)), 1.0)
-        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-
-        def micro_step(carry, micro):
-            grads, ce, aux, loads = carry
-            (_, (m_ce, m_aux, m_loads)), g = grad_fn(params, frozen, bias, micro, n_targets, n_rows, n_micro)
-            return (jax.tree.map(jnp.add, grads, g), ce + m_ce, aux + m_aux, loads + m_loads), None
-
-        n_moe = len(self.moe_layers)
-        n_experts = self.config.n_routed_experts if n_moe else 1
-        zero = jnp.zeros((), jnp.float32)
-        init = (jax.tree.map(jnp.zeros_like, params), zero, zero, jnp.zeros((n_moe, n_experts), jnp.float32))
-        (grads, ce, aux_loss, loads), _ = jax.lax.scan(micro_step, init, batch)
-        return grads, ce / n_targets, aux_loss, loads
+        return self.spec.layout.merge(self.spec.weights(state["params"], self.frozen), state["bias"])
 
     def gradients(self, state: dict, batch: dict) -> tuple[dict, jax.Array]:
         """(gradient of the batch's mean cross-entropy + balance losses w.r.t. state["params"], mean CE)."""
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        grads, ce, _, _ = jax.jit(self._grads)(state["params"], self.frozen, state["bias"], batch)
+        grads, ce, _, _ = _compiled_grads(self.spec)(state["params"], self.frozen, state["bias"], batch)
         return grads, ce
 
-    def _step(self, state: dict, frozen: dict, batch: dict):
-        grads, ce, aux_loss, loads = self._grads(state["params"], frozen, state["bias"], batch)
-        n_moe = len(self.moe_layers)
-        updates, opt = self.optimizer.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        bias = dict(state["bias"])
-        if self.tc.bias_update_speed:
-            for j, i in enumerate(self.moe_layers):
-                name = f"layers.{i}.mlp.e_score_correction_bias"
-                bias[name] = balance.update_bias(bias[name], loads[j], self.tc.bias_update_speed)
-        rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-        new_state = {"params": params, "bias": bias, "opt": opt, "rng": jax.random.key_data(rng),
-                     "step": state["step"] + 1}
-        imbalance = (jnp.mean(jax.vmap(balance.max_over_mean)(loads)) if n_moe else jnp.full((), jnp.nan))
-        metrics = {
-            "loss": ce,
-            "aux_loss": aux_loss,
-            "lr": self.schedule(state["step"]),
-            "grad_norm": optax.tree.norm(grads),
-            "expert_load_max_over_mean": imbalance,
-            "tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.int32)),
-        }
-        return new_state, metrics
-
     def train_step(self, state: dict, batch: dict):
-        """(state, batch of numpy arrays [A,B,T]) -> (new state, metrics as python numbers)."""
-        new_state, metrics = self.step(state, self.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+        """(state, batch of numpy arrays [A,B,T]) -> (new state, metrics as python numbers). Donates `state`."""
+        new_state, metrics = _compiled_step(self.spec)(state, self.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
         return new_state, {k: v.item() for k, v in jax.device_get(metrics).items()}
