@@ -14,6 +14,7 @@ import os
 from typing import Iterator
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from checkpoints import names
@@ -92,7 +93,7 @@ def _plan(config: Config, layout: dict, cast, ckpt: str) -> list[_Tensor]:
     plan = []
     for item in layout["items"]:
         for v in item["variables"]:
-            path, shape, dtype = tuple(v["path"]), tuple(v["shape"]), np.dtype(cast or as_stored(v["dtype"]))
+            path, shape, dtype = tuple(v["path"]), tuple(v["shape"]), cast or _dtype_named(v["dtype"])
             if path[0] == "mtp":
                 plan.append(_Tensor(path[1], dtype, shape, path, None))
                 continue
@@ -104,9 +105,8 @@ def _plan(config: Config, layout: dict, cast, ckpt: str) -> list[_Tensor]:
     return plan
 
 
-def as_stored(name: str) -> np.dtype:
-    import ml_dtypes
-
+def _dtype_named(name: str) -> np.dtype:
+    """A dtype from its numpy name, bfloat16 included (numpy only knows it once ml_dtypes made it)."""
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 

@@ -111,16 +111,16 @@ def _indexed_files(directory: str, index_name: str) -> dict[str, set[str]]:
 
 def _check_shard_set(directory: str, files: list[str]) -> None:
     """Shards named stem-0000i-of-0000n must all be there, 1..n."""
-    groups: dict[tuple[str, str, int], set[int]] = {}
+    groups: dict[tuple[str, str, str], set[int]] = {}
     for f in files:
         m = _SHARD.match(os.path.basename(f))
         if m:
-            groups.setdefault((m["stem"], m["ext"], int(m["n"])), set()).add(int(m["i"]))
+            groups.setdefault((m["stem"], m["ext"], m["n"]), set()).add(int(m["i"]))
     for (stem, ext, n), have in groups.items():
-        width = len(re.search(r"-(\d+)-of-", next(os.path.basename(f) for f in files if os.path.basename(f).startswith(stem + "-")))[1])
-        missing = [f"{stem}-{i:0{width}d}-of-{n:0{width}d}.{ext}" for i in range(1, n + 1) if i not in have]
+        width = len(n)  # hub shards are zero-padded to the width of the count
+        missing = [f"{stem}-{i:0{width}d}-of-{n}.{ext}" for i in range(1, int(n) + 1) if i not in have]
         if missing:
-            raise CheckpointError(f"{directory}: missing shard(s) {missing} of {n}")
+            raise CheckpointError(f"{directory}: missing shard(s) {missing} of {int(n)}")
 
 
 # ------------------------------------------------------------------------------- safetensors
