@@ -3,10 +3,11 @@
 Writes random bf16 safetensors shards (hidden 2048, 16 heads, kv_lora 512, no q_lora, 64 experts
 of 1408 + 2 shared, first layer dense 10944, vocab 102400; fewer layers than the real 27) to a temp
 directory, then runs `checkpoints.convert.convert` in a child process and reports the source size,
-GB/s, and the child's peak resident memory (VmHWM), also as a fraction of the checkpoint size.
+GB/s, and the child's peak resident memory (VmHWM), also as a fraction of the checkpoint size; then
+times `mla_jax.load` of the result (peak RSS too) and, for scale, plain sequential disk write / read.
 The result goes to bench/results/convert-cpu-<date>.json.
 
-    python bench/convert.py [--layers 6] [--workdir /tmp] [--keep]
+    python bench/convert.py [--layers 6] [--repeat 3] [--workdir /tmp] [--keep]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from checkpoints import names, safetensors_io as st  # noqa: E402
 from mla_jax.config import Config  # noqa: E402
 from mla_jax.load import abstract_model  # noqa: E402
 from checkpoints.state_dict import variable_at  # noqa: E402
+from mla_jax.store import DEFAULT_PART_BYTES  # noqa: E402
 
 V2_LITE = dict(
     model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
@@ -65,6 +67,48 @@ seconds = time.perf_counter() - t
 print(json.dumps(dict(seconds=seconds, bytes=report.bytes_read, tensors=report.tensors,
                       rss_after_imports_kb=base, peak_rss_kb=hwm_kb())))
 """
+
+
+_LOAD_CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+
+
+def hwm_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+import jax, jax.numpy as jnp
+from flax import nnx
+from mla_jax.load import load
+base = hwm_kb()
+t = time.perf_counter()
+model = load({dst!r}, dtype=jnp.bfloat16)
+jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+print(json.dumps(dict(seconds=time.perf_counter() - t, rss_after_imports_kb=base, peak_rss_kb=hwm_kb())))
+"""
+
+
+def disk_baseline(directory: str, nbytes: int = 2 << 30) -> dict:
+    """Plain sequential write (+fsync) and cold read of one file: the ceiling for any converter."""
+    path = os.path.join(directory, "disk-baseline.bin")
+    block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(nbytes // block.nbytes):
+            f.write(block.data)
+        os.fsync(f.fileno())
+    write = time.perf_counter() - t
+    cold = drop_page_cache()
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(block.data):
+            pass
+    read = time.perf_counter() - t
+    os.remove(path)
+    return dict(write_gb_per_s=round(nbytes / 1e9 / write, 3), read_gb_per_s=round(nbytes / 1e9 / read, 3),
+                read_cold=cold)
 
 
 def write_synthetic(directory: str, layers: int, seed: int = 0) -> tuple[int, int, int]:
@@ -129,6 +173,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6, help="decoder layers (first dense, rest MoE)")
     parser.add_argument("--workdir", default="/tmp", help="where the synthetic checkpoint and output go")
+    parser.add_argument("--repeat", type=int, default=3, help="conversions to time (median reported)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the output")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args()
@@ -141,28 +186,48 @@ def main() -> int:
         total, tensors, shards = write_synthetic(src, args.layers)
         print(f"synthetic checkpoint: {total / 1e9:.2f} GB, {tensors} tensors, {shards} shards "
               f"(written in {time.perf_counter() - t:.0f} s)", flush=True)
-        cold = drop_page_cache()
-        child = subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT, src=src, dst=dst)],
+        runs = []
+        for _ in range(args.repeat):  # this VM's disk writeback varies a lot from run to run
+            shutil.rmtree(dst, ignore_errors=True)
+            cold = drop_page_cache()
+            child = subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT, src=src, dst=dst)],
+                                   capture_output=True, text=True)
+            if child.returncode:
+                print(child.stderr, file=sys.stderr)
+                return child.returncode
+            runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(f"  run {len(runs)}: {runs[-1]['seconds']:.1f} s, peak RSS {runs[-1]['peak_rss_kb'] / 1e6:.2f} GB", flush=True)
+        out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
+        drop_page_cache()
+        child = subprocess.run([sys.executable, "-c", _LOAD_CHILD.format(root=ROOT, dst=dst)],
                                capture_output=True, text=True)
         if child.returncode:
             print(child.stderr, file=sys.stderr)
             return child.returncode
-        run = json.loads(child.stdout.strip().splitlines()[-1])
-        out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
+        loaded = json.loads(child.stdout.strip().splitlines()[-1])
+        disk = disk_baseline(work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    peak = run["peak_rss_kb"] * 1024
+    seconds = sorted(r["seconds"] for r in runs)
+    median = seconds[len(seconds) // 2]
+    peak = max(r["peak_rss_kb"] for r in runs) * 1024
     result = dict(
         benchmark="convert", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=machine(), model="synthetic, DeepSeek-V2-Lite layer shapes", layers=args.layers,
         source=dict(format="safetensors bf16, sharded with index", bytes=total, tensors=tensors, shards=shards,
                     page_cache_dropped_before_convert=cold),
         output=dict(dtype="bfloat16", bytes_on_disk=out_bytes),
-        seconds=round(run["seconds"], 2), gb_per_s=round(total / 1e9 / run["seconds"], 3),
+        runs=len(runs), seconds_each=[round(x, 2) for x in seconds], seconds_median=round(median, 2),
+        gb_per_s_median=round(total / 1e9 / median, 3), gb_per_s_best=round(total / 1e9 / seconds[0], 3),
         peak_rss_bytes=peak, peak_rss_fraction_of_checkpoint=round(peak / total, 4),
-        rss_after_imports_bytes=run["rss_after_imports_kb"] * 1024,
+        rss_after_imports_bytes=max(r["rss_after_imports_kb"] for r in runs) * 1024,
+        part_bytes=DEFAULT_PART_BYTES,
+        disk_baseline=disk,
+        load=dict(seconds=round(loaded["seconds"], 2), peak_rss_bytes=loaded["peak_rss_kb"] * 1024,
+                  peak_rss_fraction_of_checkpoint=round(loaded["peak_rss_kb"] * 1024 / total, 4),
+                  note="mla_jax.load(dtype=bfloat16) onto the CPU device: the weights themselves live in host memory"),
     )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"convert-cpu-{datetime.date.today().isoformat()}.json")
@@ -170,9 +235,12 @@ def main() -> int:
         json.dump(result, f, indent=2)
         f.write("\n")
     os.replace(path + ".tmp", path)
-    print(f"converted {total / 1e9:.2f} GB in {run['seconds']:.1f} s = {result['gb_per_s']:.2f} GB/s; "
-          f"peak RSS {peak / 1e9:.2f} GB = {100 * peak / total:.1f}% of the checkpoint "
-          f"(after imports {run['rss_after_imports_kb'] / 1e6:.2f} GB); page cache dropped: {cold}")
+    print(f"converted {total / 1e9:.2f} GB: median {median:.1f} s = {result['gb_per_s_median']:.2f} GB/s "
+          f"(best {result['gb_per_s_best']:.2f} GB/s over {len(runs)} runs); peak RSS {peak / 1e9:.2f} GB = "
+          f"{100 * peak / total:.1f}% of the checkpoint (after imports {result['rss_after_imports_bytes'] / 1e9:.2f} GB); "
+          f"page cache dropped: {cold}")
+    print(f"disk alone: write {disk['write_gb_per_s']:.2f} GB/s, read {disk['read_gb_per_s']:.2f} GB/s; "
+          f"mla_jax.load: {loaded['seconds']:.1f} s, peak RSS {loaded['peak_rss_kb'] / 1e6:.2f} GB")
     print(f"wrote {path}")
     return 0
 

@@ -14,7 +14,6 @@ import os
 from typing import Iterator
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from checkpoints import names
@@ -93,7 +92,7 @@ def _plan(config: Config, layout: dict, cast, ckpt: str) -> list[_Tensor]:
     plan = []
     for item in layout["items"]:
         for v in item["variables"]:
-            path, shape, dtype = tuple(v["path"]), tuple(v["shape"]), cast or _dtype_named(v["dtype"])
+            path, shape, dtype = tuple(v["path"]), tuple(v["shape"]), cast or store.dtype_named(v["dtype"])
             if path[0] == "mtp":
                 plan.append(_Tensor(path[1], dtype, shape, path, None))
                 continue
@@ -103,11 +102,6 @@ def _plan(config: Config, layout: dict, cast, ckpt: str) -> list[_Tensor]:
                 own = shape[1:] if e.expert is not None else shape
                 plan.append(_Tensor(e.hf, dtype, names.hub_shape(e, own), path, e))
     return plan
-
-
-def _dtype_named(name: str) -> np.dtype:
-    """A dtype from its numpy name, bfloat16 included (numpy only knows it once ml_dtypes made it)."""
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def _shards(plan: list[_Tensor], max_bytes: int) -> list[list[_Tensor]]:

@@ -96,7 +96,10 @@ class Writer:
         return False
 
     def add(self, path: Path, array) -> None:
-        """Queue one whole variable (numpy or jax array); a full part goes to disk first."""
+        """Queue one whole variable (numpy or jax array); a full part goes to disk first.
+
+        The array is written in the background without a defensive copy: never modify it afterwards.
+        """
         path = tuple(path)
         if path in self._seen:
             raise CheckpointError(f"variable {path_name(path)} written twice")
@@ -135,8 +138,9 @@ class Writer:
         if tokenizer_from is not None:
             copy_tokenizer(tokenizer_from, self.stage.tmp)
         write_json(os.path.join(self.stage.tmp, CONFIG_FILE), dict(config_json))  # the completeness marker
+        dst = self.stage.publish()
         self._committed = True
-        return self.stage.publish()
+        return dst
 
     def abort(self) -> None:
         try:
@@ -267,6 +271,13 @@ def read_layout(path: str | os.PathLike) -> dict:
     return layout
 
 
+def dtype_named(name: str) -> np.dtype:
+    """A dtype from its numpy name, bfloat16 included (numpy knows it only as an ml_dtypes type)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
 def stored_variables(layout: Mapping) -> dict[Path, tuple[tuple[int, ...], str]]:
     """{path: (shape, dtype name)} of every stored variable."""
     return {
@@ -289,10 +300,15 @@ def restore(path: str | os.PathLike, layout: Mapping, targets: Mapping[Path, jax
             wanted = [tuple(v["path"]) for v in item["variables"] if tuple(v["path"]) in targets]
             if not wanted:
                 continue
-            # An item may also hold variables the caller skips (the MTP module): restore a subtree.
-            tree = _nest({p: targets[p] for p in wanted})
+            # orbax restores whole trees: a variable not asked for (an MTP tensor, were it to share a
+            # part) is read too, as a host array of its stored shape, and dropped.
+            tree = _nest({
+                tuple(v["path"]): targets[tuple(v["path"])] if tuple(v["path"]) in targets
+                else jax.ShapeDtypeStruct(tuple(v["shape"]), dtype_named(v["dtype"]))
+                for v in item["variables"]
+            })
             directory = os.path.join(os.fspath(path), STATE_DIR, item["dir"])
-            restored = checkpointer.restore(directory, tree, strict=len(wanted) == len(item["variables"]))
+            restored = checkpointer.restore(directory, tree)
             yield from _leaves(restored, wanted)
     finally:
         checkpointer.close()

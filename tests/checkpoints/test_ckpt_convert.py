@@ -120,3 +120,10 @@ def test_loading_skips_a_kept_mtp_layer(tmp_path):
     reference = hf_logits(hf_model, tokens)
     ours = np.asarray(load(tmp_path / "ckpt", dtype=jnp.float32)(jnp.asarray(tokens)))
     assert np.max(np.abs(ours - reference)) / np.max(np.abs(reference)) <= TOL
+
+
+def test_progress_bar_shows_bytes_tensors_and_rate(tmp_path, capsys):
+    save_hub("v2_lite_like", str(tmp_path / "hf"), "safetensors")
+    convert(tmp_path / "hf", tmp_path / "ckpt", progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert all(part in bar for part in ("100%", "502k/502k", "B/s", "tensors 83/83")), bar
