@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from checkpoints import fp8, names
-from checkpoints.readers import Source, open_source
-from checkpoints.state_dict import assemble, variable_at
+from checkpoints.readers import Prefetcher, Source, open_source
+from checkpoints.state_dict import assemble, read_order, variable_at
 from mla_jax import store
 from mla_jax.config import Config
 from mla_jax.load import abstract_model, as_dtype
@@ -59,7 +59,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype="bfloat16",
     from tqdm import tqdm
 
     start = time.perf_counter()
-    with store.Writer(dst, overwrite=overwrite, part_bytes=part_bytes) as writer, tqdm(
+    with store.Writer(dst, overwrite=overwrite, part_bytes=part_bytes) as writer, \
+            Prefetcher(source, read_order(config) + mtp) as prefetch, tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,
         dynamic_ncols=True,
     ) as bar:
@@ -67,18 +68,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype="bfloat16",
 
         def read(name: str) -> np.ndarray:
             nonlocal done
-            array = source.read(name)
+            array = prefetch.get(name)
             done += 1
             bar.update(source.refs[name].nbytes)
             bar.set_postfix_str(f"tensors {done}/{len(wanted)}", refresh=False)
             return array
 
-        for path, array, _ in assemble(config, model, read):
+        for path, array, _ in assemble(config, model, read, borrowed=True):
             writer.add(path, array.astype(variable_at(model, path).dtype, copy=False))
             del array  # the writer holds it until written; the next variable must not wait on us
         writer.flush()  # the MTP layer gets parts of its own, so loading never touches them
         for name in mtp:
-            writer.add(("mtp", name), read(name).astype(target, copy=False))
+            writer.add(("mtp", name), np.array(read(name), dtype=target))  # a copy: read() lends a buffer
         out_config = config.to_hf()
         if not mtp:
             out_config["num_nextn_predict_layers"] = 0  # say what is stored: no MTP weights

@@ -92,9 +92,13 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     return out
 
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """The tensor's bytes, read into a fresh array (no mapping kept)."""
-    out = np.empty(info.shape, info.dtype)
+def read_tensor(info: TensorInfo, buffer: np.ndarray | None = None) -> np.ndarray:
+    """The tensor's bytes, read into a fresh array (no mapping kept), or into the front of `buffer`
+    (uint8, at least info.nbytes long), which the result then views."""
+    if buffer is None:
+        out = np.empty(info.shape, info.dtype)
+    else:
+        out = buffer[: info.nbytes].view(info.dtype).reshape(info.shape)
     view = memoryview(out.reshape(-1).view(np.uint8))
     with open(info.file, "rb", buffering=0) as f:
         f.seek(info.offset)

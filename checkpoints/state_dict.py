@@ -53,45 +53,43 @@ def _by_variable(entries) -> Iterator[tuple[names.Path, list[names.Entry]]]:
         yield from groups.items()
 
 
+def read_order(config: Config) -> list[str]:
+    """The hub names in the order `assemble` asks for them (a layer's experts grouped per variable)."""
+    return [e.hf for _, group in _by_variable(names.entries(config)) for e in group]
+
+
 def assemble(
-    config: Config, model: nnx.Module, get: Callable[[str], np.ndarray]
+    config: Config, model: nnx.Module, get: Callable[[str], np.ndarray], *, borrowed: bool = False
 ) -> Iterator[tuple[names.Path, np.ndarray, list[names.Entry]]]:
     """Yields (path, array in our layout, entries used) for every variable, in hub order.
 
     `model` (abstract is enough) gives each variable's shape; `get(hf_name)` returns a hub tensor.
+    `borrowed`: what `get` returns may be overwritten by its next call (a reused read buffer), so
+    every yielded array is copied out of it.
     """
     for path, group in _by_variable(names.entries(config)):
         shape = tuple(variable_at(model, path).shape)
         if group[0].expert is None:
             (entry,) = group
-            yield path, names.to_ours(entry, _as_numpy(get(entry.hf)), shape), group
-        else:
-            # Fill one preallocated [E, ...] array: a list of slices plus np.stack would hold the
-            # variable twice, and the largest variables of a real model are these stacks.
-            stacked = None
-            for e in group:
-                piece = names.to_ours(e, _as_numpy(get(e.hf)), shape[1:])
-                if stacked is None:
-                    stacked = np.empty((len(group), *piece.shape), piece.dtype)
-                if piece.dtype == stacked.dtype:  # copy the bits: ml_dtypes' own copy loop is ~20x slower
-                    names.raw(stacked[e.expert])[...] = names.raw(piece)
-                else:
-                    stacked[e.expert] = piece
-            yield path, stacked, group
-            del stacked, piece  # before the next variable is read: one stack alive at a time
-
-
-def unfuse_experts(tensors: Mapping[str, object]) -> dict[str, object]:
-    """Offers transformers' in-memory fused expert tensors under the hub's per-expert names."""
-    out: dict[str, object] = {}
-    for name, tensor in tensors.items():
-        parts = names.split_fused(name, tuple(tensor.shape))
-        if parts is None:
-            out[name] = tensor
+            tensor = _as_numpy(get(entry.hf))
+            out = np.empty(shape, tensor.dtype) if borrowed and entry.kind == names.COPY else None
+            yield path, names.to_ours(entry, tensor, shape, out), group
             continue
-        for part_name, expert, lo, hi in parts:
-            out[part_name] = tensor[expert, lo:hi]
-    return out
+        # Each expert goes straight into its slot of one preallocated [E, ...] array: a list of
+        # slices plus np.stack would hold the variable twice, and these stacks are the largest
+        # variables of a real model.
+        stacked = None
+        for e in group:
+            tensor = _as_numpy(get(e.hf))
+            if stacked is None:
+                stacked = np.empty((len(group), *shape[1:]), tensor.dtype)
+            if tensor.dtype == stacked.dtype:
+                names.to_ours(e, tensor, shape[1:], stacked[e.expert])
+            else:
+                stacked[e.expert] = names.to_ours(e, tensor, shape[1:])
+            del tensor
+        yield path, stacked, group
+        del stacked  # before the next variable is read: one stack alive at a time
 
 
 def load_state_dict(

@@ -170,11 +170,11 @@ def test_interrupted_conversion_leaves_nothing(templates, tmp_path, monkeypatch)
     """A failure half-way (disk full, Ctrl-C) leaves neither DST nor a half-written temp directory."""
     real_read, calls = readers.Source.read, []
 
-    def failing_read(self, name):
+    def failing_read(self, name, *args):
         calls.append(name)
         if len(calls) == 20:
             raise KeyboardInterrupt
-        return real_read(self, name)
+        return real_read(self, name, *args)
 
     monkeypatch.setattr(readers.Source, "read", failing_read)
     with pytest.raises(KeyboardInterrupt):
