@@ -6,7 +6,6 @@ with another value than the run used is refused (it would change the run).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -97,8 +96,8 @@ def run(args) -> int:
 
         tiny = tiny_checkpoint_dir()
         _, model = load_tiny(tiny)
-        run_demo(model, tiny, args.out, overrides=_given(args), resume=resume, progress=not args.no_progress)
-        return 0
+        summary = run_demo(model, tiny, args.out, overrides=_given(args), resume=resume, progress=not args.no_progress)
+        return 130 if summary["stopped"] else 0
     stored = None
     if resume is not False:
         if not args.out:
@@ -122,6 +121,6 @@ def run(args) -> int:
 
     ckpt = os.path.abspath(args.ckpt)
     model = model_io.load_base(ckpt, tc.param_dtype)
-    finetune(model, args.data, args.out, tc, tokenizer=load_tokenizer(ckpt), tokenizer_from=ckpt, base=ckpt,
-             resume=resume, stop_after=args.stop_after, progress=not args.no_progress)
-    return 0
+    summary = finetune(model, args.data, args.out, tc, tokenizer=load_tokenizer(ckpt), tokenizer_from=ckpt,
+                       base=ckpt, resume=resume, stop_after=args.stop_after, progress=not args.no_progress)
+    return 130 if summary["stopped"] else 0

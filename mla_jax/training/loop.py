@@ -9,7 +9,7 @@ OUT/
   model/          the fine-tuned model, in `mla-jax convert`'s layout (written when the run ends)
   loss.png        the loss curve (and expert-load imbalance), beside model/
 
-A resumed run restores the state saved at step k, cuts metrics.jsonl back to steps <= k, and then
+Ctrl-C stops after the step in flight and saves it. A resumed run restores the state saved at step k, cuts metrics.jsonl back to steps <= k, and then
 computes exactly what the uninterrupted run computed: the batches are a function of the step, and
 the step function is the same compiled program over the same state.
 """
@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import tempfile
 import time
 
@@ -30,7 +32,7 @@ from mla_jax.model import Transformer
 from mla_jax.training import model_io
 from mla_jax.training.checkpointing import RunCheckpoints
 from mla_jax.training.config import TrainConfig
-from mla_jax.training.data import Batches, DataError, pack, read_documents
+from mla_jax.training.data import Batches, pack, read_documents
 from mla_jax.training.plot import plot_metrics
 from mla_jax.training.step import Trainer
 
@@ -152,9 +154,9 @@ def finetune(
             raise RunError(f"{out}: already at step {start}; --stop-after {stop_after} is not ahead of it")
         log(f"{packed.rows} rows of {tc.seq_len} tokens ({int(packed.loss_mask.sum())} targets); "
             f"{tc.batch_size}x{tc.grad_accum} rows per step; steps {start + 1}..{end} of {tc.steps}")
-        state = _train(trainer, state, batches, records, metrics_path, ckpts, start, end, progress, log)
-        summary = {"out": out, "steps_done": end, "records": records}
-        if end == tc.steps:
+        state, done, stopped = _train(trainer, state, batches, records, metrics_path, ckpts, start, end, progress, log)
+        summary = {"out": out, "steps_done": done, "stopped": stopped, "records": records}
+        if done == tc.steps:
             if save_model:
                 summary["model"] = model_io.save_result(trainer.model(state), os.path.join(out, MODEL_DIR), tokenizer_from)
                 log(f"fine-tuned model: {summary['model']}")
@@ -171,42 +173,62 @@ def _meta(trainer: Trainer, batches: Batches, step: int, fingerprint: str) -> di
             "seed": trainer.tc.seed, "train_config": trainer.tc.to_dict()}
 
 
+class _StopRequest:
+    """Ctrl-C during training asks to stop after the current step (which then saves); a second one
+    interrupts at once. Stopping between steps matters: a step in flight owns the donated state."""
+
+    def __init__(self, log):
+        self.log, self.requested, self._previous = log, False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("\nstopping after this step (Ctrl-C again to abort without saving)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _train(trainer, state, batches, records, metrics_path, ckpts, start, end, progress, log):
+    """Steps start+1..end; returns (state, last step done, whether the user stopped the run)."""
     tc = trainer.tc
     fingerprint = batches.packed.fingerprint()
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     done = start
-    try:
-        with open(metrics_path, "a") as f:
-            for s in range(start, end):
-                t0 = time.perf_counter()
-                state, m = trainer.train_step(state, batches.batch(s))
-                dt = time.perf_counter() - t0
-                done = s + 1
-                if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(f"the loss is {m['loss']} at step {done}; try a lower --lr")
-                record = {"step": done, "loss": m["loss"], "aux_loss": m["aux_loss"], "lr": m["lr"],
-                          "tokens_per_s": m["tokens"] / dt,
-                          "expert_load_max_over_mean": _finite(m["expert_load_max_over_mean"]),
-                          "grad_norm": m["grad_norm"], "tokens": m["tokens"]}
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                records.append(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if done % tc.log_every == 0 or done == start + 1 or done == end:
-                    (bar.write if progress else log)(_line(record))
-                if done % tc.save_every == 0 or done == end:
-                    ckpts.save(done, state, _meta(trainer, batches, done, fingerprint))
-    except KeyboardInterrupt:
-        bar.close()
-        # Interrupted inside a step, the state's buffers were already donated to it: keep the last save.
-        if done > start and not any(x.is_deleted() for x in jax.tree.leaves(state)):
-            ckpts.save(done, state, _meta(trainer, batches, done, fingerprint))
-        log(f"interrupted: checkpoints at steps {ckpts.steps()}; continue with --resume")
-        raise
+    with _StopRequest(log) as stop, open(metrics_path, "a") as f:
+        for s in range(start, end):
+            t0 = time.perf_counter()
+            state, m = trainer.train_step(state, batches.batch(s))
+            dt = time.perf_counter() - t0
+            done = s + 1
+            if not math.isfinite(m["loss"]):
+                raise FloatingPointError(f"the loss is {m['loss']} at step {done}; try a lower --lr")
+            record = {"step": done, "loss": m["loss"], "aux_loss": m["aux_loss"], "lr": m["lr"],
+                      "tokens_per_s": m["tokens"] / dt,
+                      "expert_load_max_over_mean": _finite(m["expert_load_max_over_mean"]),
+                      "grad_norm": m["grad_norm"], "tokens": m["tokens"]}
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            records.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if done % tc.log_every == 0 or done == start + 1 or done == end:
+                (bar.write if progress else log)(_line(record))
+            if done % tc.save_every == 0 or done == end or stop.requested:
+                ckpts.save(done, state, _meta(trainer, batches, done, fingerprint))
+            if stop.requested:
+                break
     bar.close()
-    return state
+    if stop.requested:
+        log(f"stopped at step {done} (saved); continue with --resume")
+    return state, done, stop.requested
 
 
 def _line(r: dict) -> str:

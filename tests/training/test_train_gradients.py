@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from checkpoints import names
 from checkpoints.state_dict import load_state_dict
-from hf_models import TINY_CONFIGS, save_tiny
+from hf_models import save_tiny
 from mla_jax.config import Config
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.step import Trainer
