@@ -6,7 +6,8 @@ index) or a `*.pt` / `*.pth` state dict. Every file is checked before any tensor
 shards, an index naming a missing file or a tensor its shard lacks, truncated or corrupt files,
 the same tensor in two files. Fused expert tensors that transformers keeps in memory
 (`mlp.experts.gate_up_proj` [E,2F,D], `mlp.experts.down_proj` [E,D,F]) are offered under the
-per-expert names the hub uses, as views that read only that expert's rows.
+per-expert names the hub uses, as views that read only that expert's rows. `Prefetcher` reads
+ahead on a background thread in the order the converter will ask.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The safetensors format read and written by hand, one tensor at a time, with errors that name the file.
 
-Reading parses the header and then `pread`s each tensor into its own buffer when asked: nothing is
-memory-mapped, so pages of tensors already converted never count towards the converter's resident
+Reading parses the header and then reads each tensor into a fresh (or a caller's) buffer when asked:
+nothing is memory-mapped, so pages of tensors already converted never count towards the converter's resident
 memory (file-backed mmap pages would, until the kernel needed them back). Every header is checked
 against the file's real size, so a truncated or corrupt download is caught before conversion starts.
 Writing streams tensors into a file whose header is planned up front from their shapes.
