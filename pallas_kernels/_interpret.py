@@ -75,3 +75,10 @@ def has_sm90_gpu() -> bool:
     return cc is not None and float(cc) >= 9.0
   except (TypeError, ValueError):  # pragma: no cover
     return False
+
+
+def load_vector(ref, layout, *, interpret: bool):
+  """A 1-D SMEM ref loaded into registers in `layout` (plain load when interpreted)."""
+  if interpret:
+    return ref[...]
+  return plgpu.load(ref, (), layout=layout)

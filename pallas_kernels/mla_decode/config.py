@@ -82,9 +82,11 @@ def default_config(*, batch: int, s_q: int, heads: int, dim: int, v_dim: int,
                    fp8: bool = False, num_splits: int | None = None) -> Config:
   """Largest block/stage choice that fits in shared memory, then the split."""
   table_entries = max_pages
-  candidates = [b for b in (64, 32, 16) if b <= page_size and page_size % b == 0]
+  smallest = 32 if fp8 else 16
+  candidates = [b for b in (64, 32, 16)
+                if smallest <= b <= page_size and page_size % b == 0]
   if not candidates:
-    raise ValueError(f"{page_size=} must be a multiple of 16")
+    raise ValueError(f"{page_size=} must be a multiple of {smallest}")
   chosen = None
   for stages in (3, 2):
     for block_kv in candidates:

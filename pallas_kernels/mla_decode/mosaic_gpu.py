@@ -41,20 +41,56 @@ from pallas_kernels.mla_decode.combine import combine_splits
 from pallas_kernels.mla_decode.config import Config
 
 NUM_CONSUMERS = 2
-META_LEN = 8  # int32 per CTA: start block, end block, seq_len, padding
+META_LEN = 32  # int32 per CTA: start block, end block, seq_len, padding (TMA
+# copies must move a multiple of 128 bytes)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
 def _table_shape(max_pages: int) -> tuple[int, int]:
   """2-D layout of one block-table row so that each TMA box dim is <= 256."""
-  cols = min(128, -(-max_pages // 4) * 4)
+  cols = min(128, -(-max_pages // 32) * 32)  # 128-byte multiples
   return -(-max_pages // cols), cols
+
+
+def tile_swizzle(dim: int, block_kv: int, itemsize: int) -> int:
+  """Swizzle (bytes) shared by every wgmma operand tile.
+
+  wgmma wants both operands of one product with the same swizzle; P's rows are
+  only block_kv wide, so every tile uses the smaller of the two.
+  """
+  return min(plgpu.find_swizzle(dim * itemsize * 8),
+             plgpu.find_swizzle(block_kv * itemsize * 8))
+
+
+def unsupported_reason(*, dim: int, v_dim: int, page_size: int, block_kv: int,
+                       itemsize: int, fp8: bool = False) -> str | None:
+  """Why the kernel cannot take these static shapes, or None if it can."""
+  if page_size % 16:
+    return f"{page_size=} must be a multiple of 16"
+  if fp8 and dim % 32:
+    return (f"an FP8 cache needs {dim=} to be a multiple of 32 (swizzled "
+            "32-byte rows of the FP8 ring buffer)")
+  if fp8 and (page_size % 32 or block_kv % 32):
+    return (f"an FP8 cache needs {page_size=} and {block_kv=} multiples of 32 "
+            "(TMA copies of the per-token scales move 128-byte multiples)")
+  if block_kv > page_size or page_size % block_kv:
+    return f"{block_kv=} must divide {page_size=}"
+  if v_dim % NUM_CONSUMERS or v_dim > dim:
+    return f"{v_dim=} must be even and <= {dim=}"
+  half = v_dim // NUM_CONSUMERS
+  tile = tile_swizzle(dim, block_kv, itemsize) // itemsize
+  if half % tile or dim % tile:
+    return (f"{v_dim=} split over {NUM_CONSUMERS} consumer warpgroups gives "
+            f"{half} value columns each; it and {dim=} must be multiples of the "
+            f"{tile}-element shared-memory tile")
+  return None
 
 
 def _mla_decode_kernel(
     q_ref,  # [batch, h_blocks, block_h, dim] bf16/f16 (GMEM)
-    pages_ref,  # [num_pages, page_size, dim] bf16/f16 (GMEM)
+    pages_ref,  # [num_pages, page_size, dim] bf16/f16/fp8 (GMEM)
+    scales_ref,  # [num_pages, page_size] f32 (GMEM), only for an FP8 cache
     table_ref,  # [batch, t_rows, t_cols] int32 (GMEM)
     meta_ref,  # [batch, splits, META_LEN] int32 (GMEM)
     out_ref,  # [batch, splits, h_blocks, block_h, v_dim] f32 (GMEM)
@@ -70,6 +106,7 @@ def _mla_decode_kernel(
     interpret: bool,
 ):
   dtype = q_ref.dtype
+  fp8 = scales_ref is not None
   dim = q_ref.shape[-1]
   block_h, block_kv, stages = config.block_h, config.block_kv, config.num_stages
   half = v_dim // NUM_CONSUMERS
@@ -77,19 +114,24 @@ def _mla_decode_kernel(
   _, t_rows, t_cols = table_ref.shape
   scale_log2 = softmax_scale * LOG2E
 
-  swizzle = plgpu.find_swizzle(dim * jnp.dtype(dtype).itemsize * 8)
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = tile_swizzle(dim, block_kv, itemsize)
   tile_transforms = (
-      plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+      plgpu.TilingTransform((8, swizzle // itemsize)),
       plgpu.SwizzleTransform(swizzle),
   )
-  p_swizzle = plgpu.find_swizzle(block_kv * jnp.dtype(dtype).itemsize * 8)
-  p_transforms = (
-      plgpu.TilingTransform((8, p_swizzle // jnp.dtype(dtype).itemsize)),
-      plgpu.SwizzleTransform(p_swizzle),
-  )
+  if fp8:  # the raw FP8 ring is only read into registers, never by wgmma
+    fp8_swizzle = plgpu.find_swizzle(dim * 8)
+    ring_transforms = (plgpu.TilingTransform((8, fp8_swizzle)),
+                       plgpu.SwizzleTransform(fp8_swizzle))
+  else:
+    ring_transforms = tile_transforms
+  p_transforms = tile_transforms
 
   def body(q_smem,  # [block_h, dim]
-           kv_smem,  # [stages, block_kv, dim]
+           kv_smem,  # [stages, block_kv, dim] cache dtype
+           deq_smem,  # [NUM_CONSUMERS, block_kv, dim] q dtype (FP8 only) or None
+           scale_smem,  # [stages, block_kv] f32 (FP8 only) or None
            p_smem,  # [NUM_CONSUMERS, block_h, block_kv]
            o_smem,  # [NUM_CONSUMERS, block_h, out_chunk] f32
            lse_smem,  # [block_h] f32
@@ -98,6 +140,7 @@ def _mla_decode_kernel(
            kt_smem,  # [NUM_CONSUMERS, dim, block_kv] (interpret only) or None
            setup_barriers,  # 3 barriers: meta, table, q
            kv_barriers,  # [stages]: a cache tile landed
+           scale_barriers,  # [stages]: its FP8 scales landed (FP8 only) or None
            consumed_barriers):  # [stages]: both consumers are done with a tile
     b = lax.axis_index("b")
     split = lax.axis_index("split")
@@ -128,6 +171,10 @@ def _mla_decode_kernel(
         else:
           src = pages_ref.at[page, pl.ds(token % page_size, block_kv)]
         plgpu.copy_gmem_to_smem(src, kv_smem.at[slot], kv_barriers.at[slot])
+        if fp8:
+          plgpu.copy_gmem_to_smem(
+              scales_ref.at[page, pl.ds(token % page_size, block_kv)],
+              scale_smem.at[slot], scale_barriers.at[slot])
 
       for j in range(stages):
         pl.when(j < num_blocks)(functools.partial(issue, j, j))
@@ -144,13 +191,13 @@ def _mla_decode_kernel(
       def _drain(j):
         plgpu.barrier_wait(consumed_barriers.at[lax.rem(j, stages)])
 
-    def _qk(slot, w):
-      """S [block_h, block_kv] f32 = Q K^T for the tile in `slot`."""
+    def _qk(tile, w):
+      """S [block_h, block_kv] f32 = Q K^T for the cache tile ref `tile`."""
       if interpret:  # transposed wgmma operands are not interpreted: stage K^T
-        kt_smem.at[w][...] = kv_smem.at[slot][...].T
+        kt_smem.at[w][...] = tile[...].T
         k_operand = kt_smem.at[w]
       else:
-        k_operand = _interpret.transposed(kv_smem.at[slot])
+        k_operand = _interpret.transposed(tile)
 
       def mma(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, k_operand)
@@ -158,9 +205,9 @@ def _mla_decode_kernel(
 
       return pl.run_scoped(mma, plgpu.ACC((block_h, block_kv), jnp.float32))
 
-    def _pv(acc, slot, w):
-      """acc + P V for consumer w's value columns."""
-      v_operand = kv_smem.at[slot, :, pl.ds(w * half, half)]
+    def _pv(acc, tile, w):
+      """acc + P V for consumer w's value columns of the cache tile ref."""
+      v_operand = tile.at[:, pl.ds(w * half, half)]
       p_operand = p_smem.at[w]
       if interpret:  # pl.run_state is not interpreted: add a fresh product
         def mma(acc_ref):
@@ -179,6 +226,7 @@ def _mla_decode_kernel(
       num_blocks = end - start
       wgmma_layout = plgpu.Layout.WGMMA
       row_layout = plgpu.Layout.WGMMA.reduce(1)
+      col_layout = plgpu.Layout.WGMMA.reduce(0)
 
       rows = _interpret.iota((block_h, block_kv), 0, wgmma_layout, interpret=interpret)
       cols = _interpret.iota((block_h, block_kv), 1, wgmma_layout, interpret=interpret)
@@ -200,7 +248,23 @@ def _mla_decode_kernel(
         acc, m_i, l_i = carry
         slot = lax.rem(j, stages)
         plgpu.barrier_wait(kv_barriers.at[slot])
-        s = _qk(slot, w) * scale_log2  # log2 domain
+        if fp8:
+          # e4m3 -> bf16 is exact; the per-token scale multiplies S's columns
+          # and P's columns instead of the tile.
+          plgpu.barrier_wait(scale_barriers.at[slot])
+          tile = deq_smem.at[w]
+          tile[...] = kv_smem.at[slot][...].astype(dtype)
+          token_scale = lax.broadcast_in_dim(
+              _interpret.load_vector(scale_smem.at[slot], col_layout,
+                                     interpret=interpret),
+              (block_h, block_kv), [1])
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(consumed_barriers.at[slot])  # ring slot is free
+        else:
+          tile = kv_smem.at[slot]
+        s = _qk(tile, w) * scale_log2  # log2 domain
+        if fp8:
+          s = s * token_scale
         key_pos = cols + (start + j) * block_kv
         s = jnp.where(key_pos < limit, s, -jnp.inf)
         m_new = jnp.maximum(m_i, s.max(axis=1))
@@ -209,10 +273,13 @@ def _mla_decode_kernel(
         p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
         l_i = l_i * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        if fp8:
+          p = p * token_scale
         p_smem.at[w][...] = p.astype(dtype)
         plgpu.commit_smem()
-        acc = _pv(acc, slot, w)
-        plgpu.barrier_arrive(consumed_barriers.at[slot])
+        acc = _pv(acc, tile, w)
+        if not fp8:
+          plgpu.barrier_arrive(consumed_barriers.at[slot])
         return acc, m_new, l_i
 
       acc, m_i, l_i = lax.fori_loop(0, num_blocks, step, (acc0, m0, l0))
@@ -240,7 +307,10 @@ def _mla_decode_kernel(
 
   scratch = [
       plgpu.SMEM((block_h, dim), dtype, transforms=tile_transforms),
-      plgpu.SMEM((stages, block_kv, dim), dtype, transforms=tile_transforms),
+      plgpu.SMEM((stages, block_kv, dim), pages_ref.dtype, transforms=ring_transforms),
+      plgpu.SMEM((NUM_CONSUMERS, block_kv, dim), dtype, transforms=tile_transforms)
+      if fp8 else None,
+      plgpu.SMEM((stages, block_kv), jnp.float32) if fp8 else None,
       plgpu.SMEM((NUM_CONSUMERS, block_h, block_kv), dtype, transforms=p_transforms),
       plgpu.SMEM((NUM_CONSUMERS, block_h, out_chunk), jnp.float32),
       plgpu.SMEM((block_h,), jnp.float32),
@@ -253,12 +323,13 @@ def _mla_decode_kernel(
       *scratch,
       plgpu.Barrier(num_barriers=3),
       plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages) if fp8 else None,
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages),
       collective_axes="wg",
   )
 
 
-def _launch(q_blocks, pages, table, meta, *, config: Config, s_q: int,
+def _launch(q_blocks, pages, scales, table, meta, *, config: Config, s_q: int,
             heads: int, v_dim: int, softmax_scale: float, causal: bool,
             interpret: bool):
   """pallas call: returns float32 partial outputs and LSEs of every split."""
@@ -283,7 +354,7 @@ def _launch(q_blocks, pages, table, meta, *, config: Config, s_q: int,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret.gpu_interpret_params() if interpret else None,
   )
-  return call(q_blocks, pages, table, meta)
+  return call(q_blocks, pages, scales, table, meta)
 
 
 def split_metadata(seq_lens, *, block_kv: int, num_splits: int):
@@ -301,7 +372,7 @@ def split_metadata(seq_lens, *, block_kv: int, num_splits: int):
 
 def mla_decode_mosaic_gpu(q, pages, block_table, seq_lens, *, softmax_scale: float,
                           causal: bool, v_dim: int, config: Config,
-                          interpret: bool = False):
+                          interpret: bool = False, page_scales=None):
   """MLA decode with the Mosaic GPU kernel; same contract as the reference."""
   batch, s_q, heads, dim = q.shape
   num_pages, page_size, _ = pages.shape
@@ -310,7 +381,7 @@ def mla_decode_mosaic_gpu(q, pages, block_table, seq_lens, *, softmax_scale: flo
   h_blocks = -(-rows // block_h)
   q_rows = q.reshape(batch, rows, dim)
   q_rows = jnp.pad(q_rows, ((0, 0), (0, h_blocks * block_h - rows), (0, 0)))
-  q_blocks = q_rows.reshape(batch, h_blocks, block_h, dim).astype(pages.dtype)
+  q_blocks = q_rows.reshape(batch, h_blocks, block_h, dim)
 
   max_pages = block_table.shape[1]
   t_rows, t_cols = _table_shape(max_pages)
@@ -321,7 +392,7 @@ def mla_decode_mosaic_gpu(q, pages, block_table, seq_lens, *, softmax_scale: flo
                         num_splits=config.num_splits)
 
   out_parts, lse_parts = _launch(
-      q_blocks, pages, table, meta, config=config, s_q=s_q, heads=heads,
+      q_blocks, pages, page_scales, table, meta, config=config, s_q=s_q, heads=heads,
       v_dim=v_dim, softmax_scale=softmax_scale, causal=causal,
       interpret=interpret)
   splits = config.num_splits
