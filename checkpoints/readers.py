@@ -24,13 +24,13 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from checkpoints import names
 from checkpoints import safetensors_io as st
 from mla_jax.store import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>safetensors|bin)$")
-_FUSED = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,22 +322,17 @@ def _torch_to_numpy(tensor) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- fused experts
 def _unfuse(source: Source) -> Source:
-    """Adds per-expert names for fused [E, ...] expert tensors and drops the fused names."""
+    """Adds per-expert names for fused [E, ...] expert tensors (`names.split_fused`), drops the fused."""
     refs = dict(source.refs)
     for name, ref in source.refs.items():
-        m = _FUSED.match(name)
-        if not m or len(ref.shape) != 3:
+        try:
+            parts = names.split_fused(name, ref.shape)
+        except ValueError as e:
+            raise CheckpointError(f"{ref.file}: {e}") from None
+        if parts is None:
             continue
         del refs[name]
-        n_experts, rows, cols = ref.shape
-        parts = {"gate_up_proj": (("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows)),
-                 "down_proj": (("down_proj", 0, rows),)}[m["kind"]]
-        if m["kind"] == "gate_up_proj" and rows % 2:
-            raise CheckpointError(f"{ref.file}: fused tensor {name!r} has shape {ref.shape}; expected [E, 2F, D]")
-        for e in range(n_experts):
-            for proj, lo, hi in parts:
-                split = Ref(f"{m['prefix']}.{e}.{proj}.weight", ref.file, ref.dtype, (hi - lo, cols),
-                            lambda ref=ref, e=e, lo=lo, hi=hi: ref.rows(e, lo, hi))
-                _add(refs, split)
+        for part_name, expert, lo, hi in parts:
+            _add(refs, Ref(part_name, ref.file, ref.dtype, (hi - lo, ref.shape[2]),
+                           lambda ref=ref, e=expert, lo=lo, hi=hi: ref.rows(e, lo, hi)))
     return Source(source.directory, refs, source.kind)
-

@@ -92,6 +92,19 @@ def assemble(
         del stacked  # before the next variable is read: one stack alive at a time
 
 
+def unfuse_experts(tensors: Mapping[str, object]) -> dict[str, object]:
+    """Offers transformers' in-memory fused expert tensors under the hub's per-expert names."""
+    out: dict[str, object] = {}
+    for name, tensor in tensors.items():
+        parts = names.split_fused(name, tuple(tensor.shape))
+        if parts is None:
+            out[name] = tensor
+            continue
+        for part_name, expert, lo, hi in parts:
+            out[part_name] = tensor[expert, lo:hi]
+    return out
+
+
 def load_state_dict(
     config: Config, tensors: Mapping[str, object], *, param_dtype=jnp.float32
 ) -> Transformer:
