@@ -44,9 +44,16 @@ def _convert(args) -> int:
         print(f"mla-jax convert: error: {e}", file=sys.stderr)
         return 1
     mtp = f", {r.mtp_tensors} MTP tensors kept" if r.mtp_tensors else ""
-    print(f"wrote {r.dst}: {r.tensors} tensors, {r.bytes_read / 1e9:.2f} GB read in {r.seconds:.1f} s "
-          f"({r.bytes_read / 1e9 / max(r.seconds, 1e-9):.2f} GB/s){mtp}")
+    print(f"wrote {r.dst}: {r.tensors} tensors, {_size(r.bytes_read)} read in {r.seconds:.1f} s "
+          f"({_size(r.bytes_read / max(r.seconds, 1e-9))}/s){mtp}")
     return 0
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def _export(args) -> int:
