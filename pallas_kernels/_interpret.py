@@ -27,8 +27,26 @@ def interpret_params_class() -> type:
 
 
 def gpu_interpret_params(**kwargs):
-  """An `InterpretGPUParams(...)` instance, whatever the jax version."""
+  """An `InterpretGPUParams(...)` instance, whatever the jax version.
+
+  Uninitialised shared memory and kernel outputs are filled with NaN, so any
+  element a kernel forgets to write poisons the result.
+  """
+  kwargs.setdefault("uninitialized_memory", "nan")
   return interpret_params_class()(**kwargs)
+
+
+def min_host_threads() -> int:
+  """Host threads XLA:CPU needs so that GPU interpret mode cannot deadlock.
+
+  Interpret mode runs every simulated warpgroup of a CTA as its own XLA:CPU
+  computation on its own Python thread; a warpgroup blocked on a barrier holds
+  one of XLA:CPU's client threads.  That pool has one thread per core (or
+  `$NPROC`), so on a 2-core machine the three warpgroups of the MLA kernel can
+  starve each other.  Set `NPROC` to at least this before jax starts its CPU
+  backend (tests do it in their conftest).
+  """
+  return 8
 
 
 def reset_interpret_state() -> None:
