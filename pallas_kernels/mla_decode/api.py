@@ -90,6 +90,10 @@ def choose_implementation(implementation, *, q_dtype, pages_dtype, dim, v_dim,
     reason = f"q.dtype={q_dtype} (kernel takes bfloat16/float16)"
   elif pages_dtype in FP8_DTYPES and q_dtype != jnp.dtype(jnp.bfloat16):
     reason = "FP8 pages need bfloat16 queries in the kernel"
+  elif pages_dtype in FP8_DTYPES and not interpret:
+    # The FP8 path computes correctly in GPU interpret mode, but its
+    # register conversion pass does not lower for sm90 yet (see NOTES.md).
+    reason = "the FP8 kernel path runs only in interpret mode so far"
   else:
     block_kv = _default_block_kv(page_size)
     reason = mosaic_gpu.unsupported_reason(

@@ -49,8 +49,9 @@ def smem_bytes(config: Config, *, dim: int, v_dim: int, itemsize: int,
   """Shared memory one CTA of the kernel allocates for `config`."""
   q = config.block_h * dim * 2
   kv = config.num_stages * config.block_kv * dim * itemsize
-  if fp8:  # bf16 copy of the current tile plus per-token scales
-    kv += config.block_kv * dim * 2 + config.num_stages * config.block_kv * 4
+  if fp8:  # each consumer's bf16 copy of the current tile, per-token scales
+    kv += (num_consumers * config.block_kv * dim * 2
+           + config.num_stages * config.block_kv * 4)
   p = num_consumers * config.block_h * config.block_kv * 2
   out_chunk = min(config.out_chunk, v_dim // num_consumers)
   o = num_consumers * config.block_h * out_chunk * 4 + config.block_h * 4
