@@ -44,5 +44,10 @@ class RunCheckpoints:
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.meta
 
+    def discard_after(self, step: int) -> None:
+        """Deletes the checkpoints past `step`: a run resumed from an earlier step writes them anew."""
+        for later in [s for s in self.steps() if s > step]:
+            self.manager.delete(later)
+
     def close(self) -> None:
         self.manager.close()

@@ -138,6 +138,7 @@ def finetune(
             if meta["data_position"] != step * batches.rows_per_step:
                 raise RunError(f"{out}: checkpoint {step} is at data row {meta['data_position']}, "
                                f"expected {step * batches.rows_per_step}")
+            ckpts.discard_after(step)
             records = read_metrics(metrics_path, up_to=step)
             _rewrite_metrics(metrics_path, records)
             log(f"resuming {out} from step {step}")

@@ -13,14 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from mla_jax.config import Config
-from mla_jax.model import Transformer
 from mla_jax.training import balance
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.step import Trainer
-from train_helpers import TINY_V3, batch
+from train_helpers import batch, tiny_model
 
 PAD = [0.9, 0.0, 0.05, 0.05]
 SCORES = np.array([
@@ -84,10 +81,8 @@ def test_bias_update_sign_rule(name, load, expected):
 
 
 def test_train_step_moves_each_bias_by_gamma_towards_balance():
-    config = Config.from_hf(TINY_V3)
-    model = Transformer(config, rngs=nnx.Rngs(3))
     gamma = 0.01
-    trainer = Trainer(model, TrainConfig(param_dtype="float32", bias_update_speed=gamma, steps=5))
+    trainer = Trainer(tiny_model(), TrainConfig(param_dtype="float32", bias_update_speed=gamma, steps=5))
     state = trainer.init_state()
     b = batch(0)
     bias_before = jax.device_get(state["bias"])
@@ -105,7 +100,7 @@ def test_train_step_moves_each_bias_by_gamma_towards_balance():
 
 
 def test_router_bias_is_not_a_trained_parameter():
-    trainer = Trainer(Transformer(Config.from_hf(TINY_V3), rngs=nnx.Rngs(0)), TrainConfig(param_dtype="float32"))
+    trainer = Trainer(tiny_model(), TrainConfig(param_dtype="float32"))
     state = trainer.init_state()
     assert [n for n in state["params"] if "e_score_correction_bias" in n] == [] and list(state["bias"]) == [
         "layers.1.mlp.e_score_correction_bias"]

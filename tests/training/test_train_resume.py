@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mla_jax.config import Config
 from mla_jax.load import load
-from mla_jax.model import Transformer
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.loop import RunError, finetune, read_metrics
-from train_helpers import TINY_V3
+from train_helpers import tiny_model
 
 STEPS, STOP = 6, 3
 TC = TrainConfig(steps=STEPS, seq_len=16, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=2,
@@ -28,7 +26,7 @@ def runs(tmp_path_factory):
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"input_ids": rng.integers(2, 64, size=int(n)).tolist()}) + "\n"
                             for n in rng.integers(5, 40, size=12)))
-    model = Transformer(Config.from_hf(TINY_V3), rngs=nnx.Rngs(0))
+    model = tiny_model()
     quiet = dict(progress=False, log=lambda *_: None)
     whole = finetune(model, data, root / "whole", TC, **quiet)
     finetune(model, data, root / "split", TC, stop_after=STOP, **quiet)
@@ -85,3 +83,13 @@ def test_resume_with_another_config_is_refused(runs):
     other = dataclasses.replace(TC, lr=2e-2)
     with pytest.raises(RunError, match="lr: run has 0.01, now 0.02"):
         finetune(model, data, root / "whole", other, resume=True, progress=False, log=lambda *_: None)
+
+
+def test_resume_from_an_earlier_checkpoint_reproduces_the_run(runs, tmp_path):
+    root, data, model, *_ = runs
+    out = tmp_path / "again"
+    quiet = dict(progress=False, log=lambda *_: None)
+    finetune(model, data, out, TC, stop_after=5, **quiet)  # saves 2, 4, 5; keeps the last 2: 4, 5
+    finetune(model, data, out, TC, resume=4, **quiet)
+    whole = read_metrics(str(root / "whole" / "metrics.jsonl"))
+    assert _losses(read_metrics(str(out / "metrics.jsonl"))) == _losses(whole)

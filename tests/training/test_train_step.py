@@ -6,19 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mla_jax.config import Config
-from mla_jax.model import Transformer
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.optim import decays
 from mla_jax.training.step import Trainer
-from train_helpers import TINY_V3, batch
-
-CONFIG = Config.from_hf(TINY_V3)
-
+from train_helpers import batch, tiny_model
 
 @pytest.fixture(scope="module")
 def model32():
-    return Transformer(CONFIG, rngs=nnx.Rngs(0))
+    return tiny_model()
 
 
 def _rel(a: dict, b: dict) -> float:
@@ -37,7 +32,7 @@ def test_accumulated_gradient_equals_the_whole_batch_gradient(model32):
 
 @pytest.fixture(scope="module")
 def bf16_run():
-    model = Transformer(CONFIG, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = tiny_model("bfloat16")
     # lr 1e-6 moves a weight of ~0.02 by far less than bfloat16's spacing there (~1e-4).
     trainer = Trainer(model, TrainConfig(param_dtype="bfloat16", lr=1e-6, warmup_steps=0, steps=3, weight_decay=0.0))
     state = trainer.init_state()

@@ -1,6 +1,13 @@
-"""Shared by the training tests: a tiny V3 config (no torch needed) and hand-made batches."""
+"""Shared by the training tests: a tiny V3 config and model (no torch needed), hand-made batches."""
 
+import functools
+
+import jax
 import numpy as np
+from flax import nnx
+
+from mla_jax.config import Config
+from mla_jax.model import Transformer
 
 # Two layers (dense, then MoE with 8 experts, noaux_tc over 2 groups): small enough to compile fast.
 TINY_V3 = dict(
@@ -25,3 +32,17 @@ def batch(seed: int, rows: int = 4, t: int = 12, micro: int = 1, vocab: int = 64
     full = {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "loss_mask": mask,
             "segment_ids": segment_ids, "positions": np.where(segment_ids != 0, positions, 0).astype(np.int32)}
     return {k: v.reshape(micro, rows // micro, t) for k, v in full.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(dtype: str = "float32") -> Transformer:
+    """One TINY_V3 model per dtype for the whole session (building one eagerly takes seconds).
+
+    Shared: tests must not modify it (Trainer copies what it trains). The bfloat16 model is the
+    float32 one with its parameters cast; the router bias stays float32, as in any loaded model.
+    """
+    model = Transformer(Config.from_hf(TINY_V3), rngs=nnx.Rngs(0))
+    if dtype == "float32":
+        return model
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), params), rest)
