@@ -307,7 +307,8 @@ def restore(path: str | os.PathLike, layout: Mapping, targets: Mapping[Path, jax
                 else jax.ShapeDtypeStruct(tuple(v["shape"]), dtype_named(v["dtype"]))
                 for v in item["variables"]
             })
-            directory = os.path.join(os.fspath(path), STATE_DIR, item["dir"])
+            # orbax refuses relative paths ("Checkpoint path should be absolute")
+            directory = os.path.join(os.path.abspath(os.fspath(path)), STATE_DIR, item["dir"])
             restored = checkpointer.restore(directory, tree)
             yield from _leaves(restored, wanted)
     finally:
