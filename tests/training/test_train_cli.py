@@ -79,6 +79,12 @@ def test_cli_result_loads_with_its_tokenizer(cli_run):
     assert model.config.vocab_size == 512 and os.path.exists(out / "model" / "tokenizer.json")
 
 
+def test_cli_result_loads_by_a_relative_path(cli_run, monkeypatch):
+    out, *_ = cli_run
+    monkeypatch.chdir(out)
+    assert load("model", dtype="float32").config.vocab_size == 512
+
+
 def test_cli_resume_with_another_value_is_refused(cli_run):
     out, *_ = cli_run
     with pytest.raises(ValueError, match="lr: run has 0.0001, now 0.5"):
