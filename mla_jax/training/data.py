@@ -73,19 +73,17 @@ def load_tokenizer(directory: str | os.PathLike):
 
 
 class _Encoder:
-    def __init__(self, tokenizer, bos: int | None, eos: int | None, vocab_size: int, source: str):
-        self.tokenizer, self.bos, self.eos, self.vocab_size, self.source = tokenizer, bos, eos, vocab_size, source
+    """Text -> token ids -> `Document`, with the checkpoint's special tokens and vocabulary size."""
+
+    def __init__(self, tokenizer, bos: int | None, eos: int | None, vocab_size: int):
+        self.tokenizer, self.bos, self.eos, self.vocab_size = tokenizer, bos, eos, vocab_size
 
     def encode(self, text: str, where: str) -> list[int]:
         if self.tokenizer is None:
             raise DataError(f"{where}: text needs a tokenizer, but the checkpoint has no tokenizer.json "
                             "(give pre-tokenized {\"input_ids\": [...]} lines instead)")
-        # Line by line: a long text encodes in bounded memory, and byte-level BPE never merges across "\n".
-        lines = text.splitlines(keepends=True)
-        ids: list[int] = []
-        for enc in self.tokenizer.encode_batch(lines, add_special_tokens=False):
-            ids.extend(enc.ids)
-        return ids
+        # Whole, never in pieces: a split point can change the tokens around it (e.g. "\n\n" is one token).
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def document(self, prompt: list[int], body: list[int], where: str) -> Document:
         head = ([self.bos] if self.bos is not None else []) + prompt
@@ -115,7 +113,7 @@ def read_documents(path: str | os.PathLike, *, tokenizer, vocab_size: int, bos_t
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
-    enc = _Encoder(tokenizer, _special(bos_token_id), _special(eos_token_id), vocab_size, path)
+    enc = _Encoder(tokenizer, _special(bos_token_id), _special(eos_token_id), vocab_size)
     if not path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -83,6 +83,8 @@ def _check_same_run(out: str, stored: dict, current: dict) -> None:
     if stored.get("data_fingerprint") != current["data_fingerprint"]:
         raise RunError(f"{where}: the run trained on data with fingerprint {stored.get('data_fingerprint')} "
                        f"({stored.get('data')}); --data {current['data']} packs to {current['data_fingerprint']}")
+    if stored.get("model_config") != current["model_config"]:
+        raise RunError(f"{where}: the run trained a model with another config.json than {current['base'] or 'the one given'}")
     old, new = stored.get("train_config", {}), current["train_config"]
     diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if diff:
@@ -109,7 +111,8 @@ def finetune(
 
     `resume`: True continues from the latest checkpoint in `out`, an int from that step. `stop_after`
     ends the process of training after that step with a checkpoint, as an interruption would (the
-    schedule still runs to `tc.steps`). Returns a summary dict (steps run, first/last loss, paths).
+    schedule still runs to `tc.steps`). Returns {"out", "steps_done", "stopped", "records" (the
+    metrics), and when the run reached `tc.steps`: "model" (its path), "plot" (the PNG or None)}.
     """
     out = os.path.abspath(os.fspath(out))
     os.makedirs(out, exist_ok=True)
