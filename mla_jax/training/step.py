@@ -162,6 +162,8 @@ class Trainer:
         self._base = base
         self.optimizer = optimizer(self.spec)
         self.schedule = optim.schedule(tc)
+        # Looked up once: hashing the spec (the whole model graph) on every step would cost time.
+        self._step_fn, self._grads_fn = _compiled_step(self.spec), _compiled_grads(self.spec)
 
     @property
     def tc(self) -> TrainConfig:
@@ -196,10 +198,10 @@ class Trainer:
     def gradients(self, state: dict, batch: dict) -> tuple[dict, jax.Array]:
         """(gradient of the batch's mean cross-entropy + balance losses w.r.t. state["params"], mean CE)."""
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        grads, ce, _, _ = _compiled_grads(self.spec)(state["params"], self.frozen, state["bias"], batch)
+        grads, ce, _, _ = self._grads_fn(state["params"], self.frozen, state["bias"], batch)
         return grads, ce
 
     def train_step(self, state: dict, batch: dict):
         """(state, batch of numpy arrays [A,B,T]) -> (new state, metrics as python numbers). Donates `state`."""
-        new_state, metrics = _compiled_step(self.spec)(state, self.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+        new_state, metrics = self._step_fn(state, self.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
         return new_state, {k: v.item() for k, v in jax.device_get(metrics).items()}
