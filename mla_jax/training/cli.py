@@ -84,8 +84,34 @@ def _train_config(args, stored: dict | None):
     return TrainConfig(**{**{k: v for k, v in stored.items() if k in fields}, **given})
 
 
+def _resume(value: str | None) -> bool | int:
+    if value is None:
+        return False
+    if value == "latest":
+        return True
+    if not value.isdigit():
+        raise SystemExit(f"mla-jax finetune: --resume {value!r}; expected a step number or nothing (latest)")
+    return int(value)
+
+
 def run(args) -> int:
-    resume = False if args.resume is None else (True if args.resume == "latest" else int(args.resume))
+    from mla_jax.config import ConfigError
+    from mla_jax.store import CheckpointError
+    from mla_jax.training.data import DataError
+    from mla_jax.training.loop import RunError
+
+    # What a user can fix (bad data, a mismatched run directory, a missing checkpoint, a bad option)
+    # ends with its message, not a traceback.
+    try:
+        return _run(args)
+    except (ConfigError, CheckpointError, DataError, RunError, FileNotFoundError) as e:
+        raise SystemExit(f"mla-jax finetune: {e}") from None
+
+
+def _run(args) -> int:
+    resume = _resume(args.resume)
+    if resume is not False and not args.out:
+        raise SystemExit("mla-jax finetune: --resume needs --out (the run directory)")
     if args.demo:
         if args.ckpt or args.data:
             raise SystemExit("mla-jax finetune --demo: trains the shipped tiny checkpoint on the bundled text; "
@@ -100,8 +126,6 @@ def run(args) -> int:
         return 130 if summary["stopped"] else 0
     stored = None
     if resume is not False:
-        if not args.out:
-            raise SystemExit("mla-jax finetune: --resume needs --out (the run directory)")
         run_file = os.path.join(args.out, "run.json")
         if not os.path.exists(run_file):
             raise SystemExit(f"mla-jax finetune: {run_file} not found; {args.out} is not a fine-tuning run")
@@ -109,11 +133,14 @@ def run(args) -> int:
             stored = json.load(f)
         args.ckpt = args.ckpt or stored.get("base")
         args.data = args.data or stored.get("data")
-    missing = [f"--{k}" for k in ("ckpt", "data", "out") if not getattr(args, k)]
-    if missing or (stored is None and args.steps is None):
-        raise SystemExit(f"mla-jax finetune: {', '.join(missing + (['--steps'] if args.steps is None and stored is None else []))} "
-                         "required (or --demo)")
-    tc = _train_config(args, None if stored is None else stored.get("train_config"))
+    missing = [f"--{k}" for k in ("ckpt", "data", "out", "steps")
+               if getattr(args, k) is None and not (k == "steps" and stored is not None)]
+    if missing:
+        raise SystemExit(f"mla-jax finetune: {', '.join(missing)} required (or --demo, or --resume with --out)")
+    try:
+        tc = _train_config(args, None if stored is None else stored.get("train_config"))
+    except ValueError as e:  # TrainConfig names the option and what it expects
+        raise SystemExit(f"mla-jax finetune: {e}") from None
 
     from mla_jax.training import model_io
     from mla_jax.training.data import load_tokenizer

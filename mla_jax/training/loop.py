@@ -115,7 +115,6 @@ def finetune(
     metrics), and when the run reached `tc.steps`: "model" (its path), "plot" (the PNG or None)}.
     """
     out = os.path.abspath(os.fspath(out))
-    os.makedirs(out, exist_ok=True)
     trainer = Trainer(model, tc)
     tc = trainer.tc
     c = model.config
@@ -125,6 +124,7 @@ def finetune(
     batches = Batches(packed, tc.batch_size, tc.grad_accum, seed=tc.seed, shuffle=tc.shuffle)
     run = {"train_config": tc.to_dict(), "data": os.path.abspath(os.fspath(data)),
            "data_fingerprint": packed.fingerprint(), "base": base, "model_config": c.to_hf()}
+    os.makedirs(out, exist_ok=True)  # only once the model and the data are known to be good
     ckpts = RunCheckpoints(os.path.join(out, CKPT_DIR), tc.keep)
     metrics_path = os.path.join(out, METRICS_FILE)
     run_path = os.path.join(out, RUN_FILE)

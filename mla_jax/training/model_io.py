@@ -12,12 +12,12 @@ from mla_jax.model import Transformer
 
 
 def load_base(path: str | os.PathLike, dtype: str) -> Transformer:
-    from mla_jax.load import load
+    from mla_jax.weights import load
 
     return load(path, dtype=dtype)
 
 
 def save_result(model: Transformer, path: str | os.PathLike, tokenizer_from: str | os.PathLike | None) -> str:
-    from mla_jax.load import save
+    from mla_jax.weights import save
 
     return save(model, path, tokenizer_from=tokenizer_from, overwrite=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mla_jax.load import load
+from mla_jax.weights import load
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.loop import RunError, finetune, read_metrics
 from train_helpers import tiny_model
