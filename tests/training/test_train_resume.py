@@ -93,3 +93,14 @@ def test_resume_from_an_earlier_checkpoint_reproduces_the_run(runs, tmp_path):
     finetune(model, data, out, TC, resume=4, **quiet)
     whole = read_metrics(str(root / "whole" / "metrics.jsonl"))
     assert _losses(read_metrics(str(out / "metrics.jsonl"))) == _losses(whole)
+
+
+def test_lora_run_resumes_exactly(runs, tmp_path):
+    _, data, model, *_ = runs
+    lora = dataclasses.replace(TC, steps=4, lora_rank=4, save_every=10)
+    quiet = dict(progress=False, log=lambda *_: None, save_model=False)
+    finetune(model, data, tmp_path / "whole", lora, **quiet)
+    finetune(model, data, tmp_path / "split", lora, stop_after=2, **quiet)
+    finetune(model, data, tmp_path / "split", lora, resume=True, **quiet)
+    whole, split = (read_metrics(str(tmp_path / d / "metrics.jsonl")) for d in ("whole", "split"))
+    assert _losses(split) == _losses(whole)
