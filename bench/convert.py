@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 from checkpoints import names, safetensors_io as st  # noqa: E402
 from mla_jax.config import Config  # noqa: E402
-from mla_jax.load import abstract_model  # noqa: E402
+from mla_jax.weights import abstract_model  # noqa: E402
 from checkpoints.state_dict import variable_at  # noqa: E402
 from mla_jax.store import DEFAULT_PART_BYTES  # noqa: E402
 
@@ -81,7 +81,7 @@ def hwm_kb():
 
 import jax, jax.numpy as jnp
 from flax import nnx
-from mla_jax.load import load
+from mla_jax.weights import load
 base = hwm_kb()
 t = time.perf_counter()
 model = load({dst!r}, dtype=jnp.bfloat16)

@@ -21,7 +21,7 @@ from checkpoints.readers import Prefetcher, Source, open_source
 from checkpoints.state_dict import assemble, read_order, variable_at
 from mla_jax import store
 from mla_jax.config import Config
-from mla_jax.load import abstract_model, as_dtype
+from mla_jax.weights import abstract_model, as_dtype
 
 _FLOATS = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64), fp8.BF16}
 

@@ -20,7 +20,7 @@ from checkpoints import names
 from checkpoints import safetensors_io as st
 from mla_jax import store
 from mla_jax.config import Config
-from mla_jax.load import as_dtype
+from mla_jax.weights import as_dtype
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 << 30

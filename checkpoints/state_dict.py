@@ -17,11 +17,7 @@ from flax import nnx
 from checkpoints import names
 from mla_jax.config import Config
 from mla_jax.model import Transformer
-
-
-def abstract_model(config: Config, param_dtype=jnp.float32) -> Transformer:
-    """The model with shapes and dtypes only: no memory is allocated for weights."""
-    return nnx.eval_shape(lambda: Transformer(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+from mla_jax.weights import abstract_model
 
 
 def variable_at(model: nnx.Module, path: names.Path) -> nnx.Variable:

@@ -7,7 +7,8 @@ from mla_jax.model import Transformer
 
 # Public functions whose modules import more (orbax, tokenizers): loaded on first use.
 _LAZY = {
-    "load": "mla_jax.load",
+    "load": "mla_jax.weights",
+    "save": "mla_jax.weights",
     "generate": "mla_jax.generate",
     "generate_stream": "mla_jax.generate",
 }

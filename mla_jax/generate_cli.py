@@ -48,7 +48,7 @@ def load_model(path: str, dtype: str):
     import jax.numpy as jnp
 
     if os.path.exists(os.path.join(path, "mla_jax.json")):
-        from mla_jax.load import load
+        from mla_jax.weights import load
 
         return load(path, dtype=dtype)
     if glob.glob(os.path.join(path, "*.safetensors")):

@@ -13,7 +13,7 @@ saver never holds more than a part or two in host memory; a reader restores part
 into device arrays. Everything is written into a hidden sibling directory that is renamed into place
 only when complete: an interrupted run leaves nothing that looks like a checkpoint.
 
-The converter (`checkpoints.convert`), `mla_jax.load.save` and `mla_jax.load.load` all go through
+The converter (`checkpoints.convert`), `mla_jax.save` and `mla_jax.load` all go through
 this file; nothing else knows the layout.
 """
 

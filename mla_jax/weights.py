@@ -1,4 +1,4 @@
-"""`mla_jax.load` and `mla_jax.load.save`: a model from / to an mla-jax checkpoint directory.
+"""`mla_jax.load` and `mla_jax.save`: a model from / to an mla-jax checkpoint directory.
 
 `load` builds the model abstractly (shapes only), then orbax restores every weight straight into its
 device buffers, part by part: host memory never holds a second copy of the model, and with a mesh
@@ -9,8 +9,6 @@ each device reads only its own shard. `save` writes the same layout as `mla-jax 
 from __future__ import annotations
 
 import os
-import sys
-import types
 from typing import Iterator
 
 import jax
@@ -104,14 +102,3 @@ def save(model: Transformer, path: str | os.PathLike, *, tokenizer_from: str | o
             writer.add(p, var.get_value())
         return writer.commit(model.config.to_hf(), dtype=dtype, tokenizer_from=tokenizer_from)
 
-
-class _CallableModule(types.ModuleType):
-    """Importing `mla_jax.load.save` binds the package attribute `mla_jax.load` to this module,
-    shadowing the lazily exported function; calling the module calls the function, so
-    `mla_jax.load(path)` works whichever of the two the attribute holds."""
-
-    def __call__(self, *args, **kwargs) -> Transformer:
-        return load(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

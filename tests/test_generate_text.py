@@ -124,7 +124,7 @@ def test_cli_closes_with_prefill_and_decode_speed(cli_output):
 
 
 def test_cli_reads_an_mla_jax_checkpoint_like_the_hub_directory(cli_output, tmp_path, capsys):
-    from mla_jax.load import save
+    from mla_jax.weights import save
 
     save(load_model(SHIPPED, "float32"), tmp_path / "ckpt", tokenizer_from=SHIPPED)
     args = list(CLI_ARGS)

@@ -21,7 +21,7 @@ from checkpoints.state_dict import state_dict  # noqa: E402
 from ckpt_helpers import read_all, save_hub, shard_files, write_single  # noqa: E402
 from hf_models import hf_logits  # noqa: E402
 from mla_jax import store  # noqa: E402
-from mla_jax.load import load  # noqa: E402
+from mla_jax.weights import load  # noqa: E402
 
 # max |ours - theirs| / max |theirs|: the bound, far above float32 rounding (~1e-6 seen).
 TOL = 1e-4

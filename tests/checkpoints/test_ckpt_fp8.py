@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 from checkpoints.convert import convert  # noqa: E402
 from checkpoints.state_dict import state_dict  # noqa: E402
 from ckpt_helpers import block_quantize, edit_config, quantizable, read_all, save_hub, write_single  # noqa: E402
-from mla_jax.load import load  # noqa: E402
+from mla_jax.weights import load  # noqa: E402
 
 BLOCK = (16, 32)
 

@@ -1,4 +1,4 @@
-"""`mla_jax.load` / `mla_jax.load.save`: weights restored straight into place, sharded on a mesh.
+"""`mla_jax.load` / `mla_jax.save`: weights restored straight into place, sharded on a mesh.
 
 Models here are built by our own Transformer (no torch): `save` then `load` must give back the same
 weights in the same layout `convert` writes; with a 4-device mesh every device must hold only its
@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 import mla_jax
 from mla_jax import store
 from mla_jax.config import Config
-from mla_jax.load import load, model_variables, save
+from mla_jax.weights import load, model_variables, save
 from mla_jax.model import Transformer
 
 TINY = dict(
@@ -41,9 +41,10 @@ def _weights(model):
     return {p: np.asarray(jax.device_get(v.get_value())) for p, v in model_variables(model)}
 
 
-def test_public_load_works_after_its_module_is_imported(saved):
-    """`from mla_jax.load import save` rebinds `mla_jax.load` to the module; it must still load."""
+def test_public_load_and_save_are_the_package_functions(saved):
+    """`mla_jax.load` / `mla_jax.save` stay functions whichever module was imported first."""
     _, path = saved
+    assert mla_jax.load is load and mla_jax.save is save
     assert isinstance(mla_jax.load(path, dtype=jnp.float32), Transformer)
 
 
