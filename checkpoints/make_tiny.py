@@ -28,7 +28,7 @@ BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 
 def train_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -38,6 +38,8 @@ def train_tokenizer(vocab_size: int = 512):
         show_progress=False,
     )
     tok.train([CORPUS], trainer)
+    # bos in front of every text, as DeepSeek's tokenizers do (and as fine-tuning packs documents)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
     return tok
 
 
@@ -68,7 +70,7 @@ def make(out_dir: str) -> None:
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(0.05 * torch.randn_like(buf))
-    tokens = np.array([[bos_id, *tok.encode(PROMPT).ids]], dtype=np.int64)
+    tokens = np.array([tok.encode(PROMPT).ids], dtype=np.int64)  # starts with bos
     with torch.no_grad():
         logits = model(torch.from_numpy(tokens)).logits.float().numpy()
 
@@ -79,7 +81,7 @@ def make(out_dir: str) -> None:
         model.save_pretrained(tmp)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump({"bos_token": BOS, "eos_token": EOS, "add_bos_token": False,
+            json.dump({"bos_token": BOS, "eos_token": EOS, "add_bos_token": True,
                        "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
         np.savez(os.path.join(tmp, "reference_logits.npz"), tokens=tokens.astype(np.int32), logits=logits,
                  prompt=np.array(PROMPT))

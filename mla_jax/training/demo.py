@@ -5,7 +5,8 @@ weights written by transformers, router correction bias included), fine-tuned on
 public-domain text (`mla_jax/data/corpus.txt`) with DeepSeek-V3's balancing defaults: the bias
 update at γ = 0.001 and the sequence-wise loss at α = 0.0001. The shipped bias was not made for this
 text, so a few experts start out over-loaded; the log shows the loss and that imbalance falling.
-With `--bias-update-speed 0` the imbalance stays where it started (about 1.5).
+With `--bias-update-speed 0` the imbalance stays where it started (about 1.5). At the end the saved
+result is loaded back with `mla_jax.load` and continues a line of the text greedily.
 
 The checkpoint is in the hub layout, which only `checkpoints` reads; the CLI loads it and hands the
 model in, so this module needs nothing above `mla_jax`.
@@ -54,7 +55,21 @@ def run_demo(model: Transformer, tiny_dir: str, out: str | None = None, *, overr
     summary = finetune(model, CORPUS, out, tc, tokenizer=load_tokenizer(tiny_dir), tokenizer_from=tiny_dir,
                        base=tiny_dir, resume=resume, progress=progress, log=log)
     log(story(summary["records"]))
+    if summary.get("model"):
+        from mla_jax.weights import load
+
+        log(sample(load(summary["model"], dtype="float32"), tiny_dir))
     return summary
+
+
+def sample(model: Transformer, tiny_dir: str, prompt: str = "Four score and seven years ago") -> str:
+    """A greedy continuation from the fine-tuned model, through the paged-cache generation path."""
+    from mla_jax.generate import generate
+    from mla_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_dir)
+    new = generate(model, [tok.encode(prompt)], 24)[0]
+    return f"after fine-tuning, greedy: {prompt!r} -> {tok.decode(new)!r}"
 
 
 def story(records: list[dict]) -> str:
