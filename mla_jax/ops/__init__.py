@@ -1,0 +1,1 @@
+"""Ops with several implementations (reference, XLA, kernels), each chosen in one place by the target."""
