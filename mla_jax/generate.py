@@ -32,9 +32,11 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
+from pallas_kernels._interpret import has_sm90_gpu
 from pallas_kernels.mla_decode import choose_implementation
 from mla_jax import cache as kv
 from mla_jax.attention import absorb_query, expanded_attention
+from mla_jax.errors import UsageError, UsageTypeError
 from mla_jax.model import Transformer
 from mla_jax.rope import sin_cos
 from mla_jax.sampling import Sampling, sample
@@ -57,14 +59,44 @@ def decode_implementation(config, *, page_size: int, cache_dtype, override: str 
     machine for these shapes and dtypes (an sm90+ GPU, 16-bit or FP8 pages, page size a multiple
     of 16), the XLA reference otherwise. An override that cannot run is an error, not a fallback.
     """
-    if override not in (None, *IMPLEMENTATIONS):
-        raise ValueError(f"implementation={override!r}; expected one of {IMPLEMENTATIONS} or None")
+    check_implementation(override)
     pages_dtype = kv.resolve_dtype(cache_dtype)
     if override is None and jax.default_backend() != "gpu":
         return "xla"
     return choose_implementation(
         override, q_dtype=query_dtype(pages_dtype), pages_dtype=pages_dtype, dim=config.latent_dim,
         v_dim=config.kv_lora_rank, page_size=page_size, interpret=False)
+
+
+def check_implementation(override: str | None) -> None:
+    """An `implementation` override that names a known choice this machine can run, or a UsageError.
+
+    Generation compiles for the devices of this process, so the Mosaic GPU kernel needs one of them
+    to be an sm90+ GPU; checked before any work, so nothing is printed or compiled in vain.
+    """
+    if override not in (None, *IMPLEMENTATIONS):
+        raise UsageError(f"implementation={override!r}; expected one of {IMPLEMENTATIONS} or None")
+    if override == "mosaic_gpu" and not has_sm90_gpu():
+        device = jax.devices()[0]
+        where = "the CPU" if device.platform == "cpu" else f"{device.device_kind} ({device.platform})"
+        raise UsageError(f"implementation='mosaic_gpu' needs an sm90+ (Hopper or newer) CUDA GPU; this process "
+                         f"runs on {where}; use 'xla' or leave it unset")
+
+
+def check_options(*, max_new_tokens, page_size, num_pages=None, seed=0) -> None:
+    """The numeric arguments of `generate` / `generate_stream`, checked before any work."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 0")
+    if not _is_int(page_size) or page_size < 1:
+        raise UsageError(f"page_size={page_size!r}; expected an integer >= 1 (tokens per cache page)")
+    if num_pages is not None and (not _is_int(num_pages) or num_pages < 1):
+        raise UsageError(f"num_pages={num_pages!r}; expected an integer >= 1 or None")
+    if not _is_int(seed):
+        raise UsageError(f"seed={seed!r}; expected an integer")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def bucket_length(n: int, limit: int) -> int:
@@ -208,21 +240,29 @@ class Stats:
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
-        raise TypeError(f"prompts: expected a list of token-id lists, found {type(prompts).__name__}")
+        raise UsageTypeError(f"prompts: expected a list of token-id lists, found {type(prompts).__name__}")
     out = []
     for i, p in enumerate(prompts):
-        if isinstance(p, (int, np.integer)):
-            raise TypeError("prompts: expected a list of token-id lists (a batch), found a flat list of "
-                            "ints; wrap a single prompt as [prompt]")
-        ids = [int(t) for t in p]
-        if not ids:
-            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        if _is_int(p):
+            raise UsageTypeError("prompts: expected a list of token-id lists (a batch), found a flat list of "
+                                 "ints; wrap a single prompt as [prompt]")
+        if isinstance(p, (str, bytes)):
+            raise UsageTypeError(f"prompts[{i}]: expected token ids, found text {p[:20]!r}; encode it with "
+                                 "mla_jax.tokenizer.Tokenizer first")
+        ids = np.asarray(p)
+        if ids.size == 0:
+            raise UsageError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        if ids.ndim != 1 or ids.dtype.kind not in "iu" and not (
+                ids.dtype == object and all(_is_int(t) for t in ids.reshape(-1))):
+            what = f"shape {ids.shape}" if ids.ndim != 1 else f"{ids.dtype} values such as {ids.reshape(-1)[0]!r}"
+            raise UsageTypeError(f"prompts[{i}]: expected a flat list of integer token ids, found {what}")
+        ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"prompts[{i}] has token ids {bad[:5]} outside [0, vocab_size={vocab_size})")
+            raise UsageError(f"prompts[{i}] has token ids {bad[:5]} outside [0, vocab_size={vocab_size})")
         out.append(ids)
     if not out:
-        raise ValueError("prompts is empty; expected at least one prompt")
+        raise UsageError("prompts is empty; expected at least one prompt")
     return out
 
 
@@ -238,9 +278,8 @@ class Stream:
                  stop_tokens: Sequence[int], seed: int, page_size: int, cache_dtype, implementation,
                  num_pages: int | None = None):
         config = model.config
+        check_options(max_new_tokens=max_new_tokens, page_size=page_size, num_pages=num_pages, seed=seed)
         self.prompts = _check_prompts(prompts, config.vocab_size)
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 0")
         lengths = [len(p) for p in self.prompts]
         kv.check_length(config, lengths, max_new_tokens)
         self.max_new_tokens = int(max_new_tokens)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 from mla_jax.cache import DEFAULT_PAGE_SIZE, DTYPES as CACHE_DTYPES
+from mla_jax.errors import UsageError
 
 WEIGHT_DTYPES = ("bfloat16", "float32")
 
@@ -55,7 +57,7 @@ def load_model(path: str, dtype: str):
         from checkpoints.demo import load_tiny
 
         return load_tiny(path, param_dtype=jnp.dtype(dtype))[1]
-    raise FileNotFoundError(f"{path}: neither an mla-jax checkpoint (mla_jax.json) nor a hub directory with "
+    raise UsageError(f"{path}: neither an mla-jax checkpoint (mla_jax.json) nor a hub directory with "
                             "*.safetensors; convert other formats with `mla-jax convert`")
 
 
@@ -64,41 +66,56 @@ def _print(text: str) -> None:
     sys.stdout.flush()
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every option checked before the tokenizer, the weights or a compiler is touched."""
+    from mla_jax.generate import check_implementation, check_options
+    from mla_jax.sampling import Sampling
+
+    check_options(max_new_tokens=args.max_new_tokens, page_size=args.page_size, seed=args.seed)
+    Sampling(args.temperature, args.top_k, args.top_p)
+    check_implementation(args.implementation)
+    if not os.path.isdir(args.ckpt):
+        raise UsageError(f"--ckpt {args.ckpt}: no such directory")
+
+
 def run(args: argparse.Namespace) -> int:
-    from mla_jax.cache import CacheError
-    from mla_jax.config import ConfigError
     from mla_jax.generate import FINISHED, generate_stream
-    from mla_jax.tokenizer import TextStream, Tokenizer, TokenizerError
+    from mla_jax.tokenizer import TextStream, Tokenizer
 
     try:
-        tokenizer = Tokenizer.from_dir(args.ckpt)
-        if args.chat:
-            prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in args.prompt]
-        else:
-            prompts = [tokenizer.encode(p) for p in args.prompt]
-        start = time.perf_counter()
-        model = load_model(args.ckpt, args.dtype)
-        load_seconds = time.perf_counter() - start
-        stop = set(tokenizer.eos_token_ids) | set(_as_tuple(model.config.eos_token_id))
-        stream = generate_stream(
-            model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed, page_size=args.page_size,
-            cache_dtype=args.cache_dtype, implementation=args.implementation)
-    except (CacheError, ConfigError, TokenizerError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"mla-jax generate: error: {e}", file=sys.stderr)
-        return 1
+        check_args(args)
+    except UsageError as e:  # say which option, in the option's own spelling
+        raise UsageError(_as_option(str(e))) from None
+    tokenizer = Tokenizer.from_dir(args.ckpt)
+    if args.chat:
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in args.prompt]
+    else:
+        prompts = [tokenizer.encode(p) for p in args.prompt]
+    start = time.perf_counter()
+    model = load_model(args.ckpt, args.dtype)
+    load_seconds = time.perf_counter() - start
+    stop = set(tokenizer.eos_token_ids) | set(_as_tuple(model.config.eos_token_id))
+    stream = generate_stream(
+        model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed, page_size=args.page_size,
+        cache_dtype=args.cache_dtype, implementation=args.implementation)
 
     single = len(prompts) == 1
     texts = [TextStream(tokenizer) for _ in prompts]
-    if single:
-        _print(args.prompt[0])
-    for step in stream:
-        for i, token in enumerate(step.tolist()):
-            if token == FINISHED:
-                continue
-            piece = texts[i].push(token)
-            if single:
-                _print(piece)
+    try:
+        if single:
+            _print(args.prompt[0])
+        for step in stream:
+            for i, token in enumerate(step.tolist()):
+                if token == FINISHED:
+                    continue
+                piece = texts[i].push(token)
+                if single:
+                    _print(piece)
+    except BaseException:
+        if single:  # end the streamed line, so that whatever is reported next starts on its own
+            _print("\n")
+        raise
     if single:
         _print(texts[0].flush() + "\n")
     else:
@@ -112,6 +129,15 @@ def run(args: argparse.Namespace) -> int:
           f"{load_seconds:.1f} s, compile {s.compile_seconds:.1f} s; {stream.implementation} decode attention; "
           f"cache {s.cache_bytes_per_token:,} B/token {args.cache_dtype} latent vs {mha:,} B/token bf16 MHA)")
     return 0
+
+
+def _as_option(message: str) -> str:
+    """"page_size=0; expected ..." -> "--page-size 0: expected ..." (the library names its parameter)."""
+    m = re.match(r"(\w+)=(\S+?)(; | )(.*)$", message)
+    if not m:
+        return message
+    name, value, sep, rest = m.groups()
+    return f"--{name.replace('_', '-')} {value.strip(chr(39))}{': ' if sep == '; ' else ' '}{rest}"
 
 
 def _as_tuple(value) -> tuple:

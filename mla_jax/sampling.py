@@ -9,9 +9,21 @@ Dimensions: B batch, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+
+from mla_jax.errors import UsageError
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +35,12 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature!r}; expected a number >= 0")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise ValueError(f"top_k={self.top_k!r}; expected a positive integer or None")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r}; expected a number in (0, 1] or None")
+        if not _real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise UsageError(f"temperature={self.temperature!r}; expected a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and (not _integer(self.top_k) or self.top_k < 0):
+            raise UsageError(f"top_k={self.top_k!r}; expected an integer >= 0 (0 or None = no cut) or None")
+        if self.top_p is not None and not (_real(self.top_p) and 0 < self.top_p <= 1):
+            raise UsageError(f"top_p={self.top_p!r}; expected a number in (0, 1] or None")
 
     @property
     def greedy(self) -> bool:

@@ -18,6 +18,10 @@ from mla_jax.config import Config
 DTYPES = ("float32", "bfloat16")
 
 
+class RunError(ValueError):
+    """An output directory or a resume request that does not fit the run asked for."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100

@@ -28,19 +28,16 @@ import time
 import jax
 from tqdm.auto import tqdm
 
+from mla_jax.errors import raise_interrupt
 from mla_jax.model import Transformer
 from mla_jax.training import model_io
 from mla_jax.training.checkpointing import RunCheckpoints
-from mla_jax.training.config import TrainConfig
+from mla_jax.training.config import RunError, TrainConfig
 from mla_jax.training.data import Batches, pack, read_documents
 from mla_jax.training.plot import plot_metrics
 from mla_jax.training.step import Trainer
 
 RUN_FILE, METRICS_FILE, CKPT_DIR, MODEL_DIR, PLOT_FILE = "run.json", "metrics.jsonl", "checkpoints", "model", "loss.png"
-
-
-class RunError(ValueError):
-    """An output directory or a resume request that does not fit the run asked for."""
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -186,7 +183,8 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise_interrupt(signum, frame)
+            return
         self.requested = True
         self.log("\nstopping after this step (Ctrl-C again to abort without saving)")
 
