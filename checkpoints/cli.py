@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 
 from mla_jax.config import ConfigError
 from mla_jax.store import CheckpointError
 
 DTYPES = ("bfloat16", "float32")
+
+
+def positive_gb(text: str) -> float:
+    """An argparse type: a finite size in GB above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in GB, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size in GB above 0, got {text}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -20,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="checkpoint directory to create")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="stored weight dtype (default bfloat16)")
     p.add_argument("--keep-mtp", action="store_true", help="also keep the multi-token-prediction layer")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it is an mla-jax checkpoint")
     p.set_defaults(func=_convert)
 
     p = subparsers.add_parser(
@@ -30,8 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("ckpt", help="mla-jax checkpoint directory")
     p.add_argument("dst", help="Hugging Face directory to create")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast every tensor (default: as stored)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--max-shard-gb", type=positive_gb, default=5.0, help="largest safetensors shard (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it is an earlier mla-jax export")
     p.set_defaults(func=_export)
 
 
@@ -61,7 +74,7 @@ def _export(args) -> int:
 
     try:
         dst = export(args.ckpt, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                     max_shard_bytes=int(args.max_shard_gb * 2**30))
+                     max_shard_bytes=max(1, int(args.max_shard_gb * 2**30)))
     except (CheckpointError, ConfigError) as e:
         print(f"mla-jax export: error: {e}", file=sys.stderr)
         return 1

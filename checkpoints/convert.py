@@ -1,10 +1,13 @@
 """`mla-jax convert SRC DST`: a Hugging Face / PyTorch DeepSeek directory -> an mla-jax checkpoint.
 
-Everything is checked before a byte is written: config.json, every file's header, and every
-tensor's name, shape and dtype against what config.json implies. Then tensors stream through one at
-a time (FP8 ones dequantized as DeepSeek does), routed experts are stacked per variable, and each
+Everything is checked before a byte is written: the destination (never inside, equal to or
+containing the source; replaced only if it is an mla-jax checkpoint), config.json, every file's
+header, and every tensor's name, shape and dtype against what config.json implies. Then tensors
+stream through one at a time (FP8 ones dequantized in the output dtype's precision: DeepSeek's own
+rounding for bfloat16), routed experts are stacked per variable, and each
 variable goes to disk in parts (`mla_jax.store`) as soon as it is whole: resident memory stays near
-the largest variable, never the model. The result appears at DST only once complete.
+the largest variable, never the model. The result, with a checksum of every file, appears at DST
+only once complete; an interrupt or a full disk leaves no temporary directory behind.
 """
 
 from __future__ import annotations
@@ -42,14 +45,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype="bfloat16",
     dtype: "bfloat16" or "float32" for the stored weights. keep_mtp: also store the multi-token-
     prediction layer (hub layout, hub names) so that `export` writes it back; the model never runs it.
     """
-    src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    src, dst = store.user_path(src), store.user_path(dst)
     target = as_dtype(dtype)
-    store.check_destination(dst, overwrite)  # refuse before spending minutes reading
+    store.check_separate(dst, src)
     config_path = os.path.join(src, store.CONFIG_FILE)
     config = Config.from_hf(src if os.path.isdir(src) else config_path)
     with open(config_path) as f:
         raw = json.load(f)
-    source = fp8.dequantizing(open_source(src), fp8.quantization(raw, config_path), config_path)
+    opened = open_source(src)  # headers only
+    # Refused before minutes of reading: DST must keep clear of SRC and of every weight file (shards
+    # may be links into another directory, as in the hub cache), and may replace only a checkpoint.
+    sources = [src, *sorted({ref.file for ref in opened.refs.values()})]
+    store.check_destination(dst, overwrite, kind=store.CHECKPOINT, sources=sources)
+    source = fp8.dequantizing(opened, fp8.quantization(raw, config_path), config_path, target)
     model = abstract_model(config, target)
     mtp = check_tensors(config, source, model, config_path, raw.get("torch_dtype") or raw.get("dtype"))
     mtp = mtp if keep_mtp else []
@@ -59,9 +67,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype="bfloat16",
     from tqdm import tqdm
 
     start = time.perf_counter()
-    with store.Writer(dst, overwrite=overwrite, part_bytes=part_bytes) as writer, \
+    with store.Writer(dst, overwrite=overwrite, part_bytes=part_bytes, sources=sources) as writer, \
             Prefetcher(source, read_order(config) + mtp) as prefetch, tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+        disable=None if progress else True,  # None: shown only on a terminal
         dynamic_ncols=True,
     ) as bar:
         done = 0

@@ -4,12 +4,21 @@ Writes hub names (per-expert), [out, in] linear weights, safetensors shards (+ i
 one), config.json and the tokenizer. The shard plan is fixed up front from the stored shapes, then
 each stored part is restored, turned into hub tensors and streamed into the shards: memory stays near
 one part. Transposes are exact, so HF -> mla-jax -> HF in the same dtype gives back identical bytes.
+
+The checkpoint's checksums are verified as it is read. The output is staged and published like a
+checkpoint (`mla_jax.staging`): never inside, equal to or containing the checkpoint, and
+`overwrite` replaces only an earlier export, recognised by the small `mla_jax_export.json` this
+writes beside config.json (format, source, dtype). A marker file rather than a field in config.json
+or the safetensors metadata: transformers copies unknown config fields into every model it saves,
+so a config field would mark directories we did not write, and the file is plain to see in a listing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import math
 import os
 from typing import Iterator
 
@@ -24,6 +33,20 @@ from mla_jax.weights import as_dtype
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 << 30
+MARKER_FILE = "mla_jax_export.json"
+MARKER_FORMAT = "mla-jax-hf-export"
+
+
+def is_export(path: str) -> bool:
+    """A directory written by `export` (it holds our marker file)."""
+    try:
+        with open(os.path.join(path, MARKER_FILE)) as f:
+            return json.load(f).get("format") == MARKER_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+EXPORT = store.Kind(f"a Hugging Face export written by mla-jax (no {MARKER_FILE})", is_export)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,25 +63,29 @@ class _Tensor:
 
 
 def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,
-           max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> str:
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, verify: bool = True) -> str:
     """Writes the checkpoint at `ckpt` as a Hugging Face directory at `dst`; returns `dst`.
 
     dtype: None keeps each tensor's stored dtype; "bfloat16" / "float32" casts every tensor.
+    verify: check the checkpoint's files against their recorded checksums while reading.
     """
-    ckpt = os.fspath(ckpt)
+    if not (isinstance(max_shard_bytes, (int, float)) and math.isfinite(max_shard_bytes) and max_shard_bytes > 0):
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}; expected a positive number of bytes")
+    ckpt = store.user_path(ckpt)
     layout = store.read_layout(ckpt)
     config = Config.from_hf(os.path.join(ckpt, store.CONFIG_FILE))
     cast = None if dtype is None else as_dtype(dtype)
     plan = _plan(config, layout, cast, ckpt)
     shards = _shards(plan, max_shard_bytes)
-    stage = store.Staging(dst, overwrite=overwrite)
+    name = cast.name if cast is not None else layout["dtype"]
 
     from tqdm import tqdm
 
-    try:
+    with store.Staging(dst, overwrite=overwrite, kind=EXPORT, sources=[ckpt]) as stage, \
+            store.write_errors(stage.dst):
         with tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="export", disable=not progress, dynamic_ncols=True) as bar:
-            tensors = _hub_tensors(ckpt, layout, plan, bar)
+                  desc="export", disable=None if progress else True, dynamic_ncols=True) as bar:
+            tensors = _hub_tensors(ckpt, layout, plan, bar, stage, verify)
             weight_map = {}
             for i, shard in enumerate(shards):
                 file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -69,15 +96,13 @@ def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overw
             store.write_json(os.path.join(stage.tmp, SAFETENSORS_INDEX),
                              {"metadata": {"total_size": sum(t.nbytes for t in plan)}, "weight_map": weight_map})
         store.copy_tokenizer(ckpt, stage.tmp)
+        store.write_json(os.path.join(stage.tmp, MARKER_FILE),
+                         {"format": MARKER_FORMAT, "version": 1, "source": ckpt, "dtype": name})
         hf_config = config.to_hf()
-        name = cast.name if cast is not None else layout["dtype"]
         if name != "mixed":
             hf_config["torch_dtype"] = name
         store.write_json(os.path.join(stage.tmp, store.CONFIG_FILE), hf_config)
-    except BaseException:
-        stage.discard()
-        raise
-    return stage.publish()
+        return stage.publish()
 
 
 def _plan(config: Config, layout: dict, cast, ckpt: str) -> list[_Tensor]:
@@ -116,12 +141,14 @@ def _shards(plan: list[_Tensor], max_bytes: int) -> list[list[_Tensor]]:
     return shards
 
 
-def _hub_tensors(ckpt: str, layout: dict, plan: list[_Tensor], bar) -> Iterator[np.ndarray]:
-    """Yields the plan's tensors in order, restoring one stored part at a time."""
+def _hub_tensors(ckpt: str, layout: dict, plan: list[_Tensor], bar, stage: store.Staging, verify: bool
+                 ) -> Iterator[np.ndarray]:
+    """Yields the plan's tensors in order, restoring one stored part at a time; an interrupt
+    received meanwhile is acted on between tensors."""
     stored = store.stored_variables(layout)
     targets = {t.path: jax.ShapeDtypeStruct(stored[t.path][0], t.dtype) for t in plan}
     groups = itertools.groupby(plan, key=lambda t: t.path)  # a variable's hub tensors are consecutive
-    for path, array in store.restore(ckpt, layout, targets):
+    for path, array in store.restore(ckpt, layout, targets, verify=verify):
         group_path, group = next(groups)
         if group_path != path:
             raise AssertionError(f"export plan out of order: restored {path}, planned {group_path}")
@@ -132,4 +159,5 @@ def _hub_tensors(ckpt: str, layout: dict, plan: list[_Tensor], bar) -> Iterator[
             else:
                 out = names.to_hub(t.entry, array if t.entry.expert is None else array[t.entry.expert])
             bar.update(t.nbytes)
+            stage.check()
             yield out

@@ -1,11 +1,13 @@
-"""DeepSeek's block-scaled FP8 weights (V3, R1, V3.1 releases) dequantized to bfloat16.
+"""DeepSeek's block-scaled FP8 weights (V3, R1, V3.1 releases) dequantized to the output dtype.
 
 A quantized linear weight `W` [M,N] is stored as `float8_e4m3fn` next to `W_scale_inv` float32
 [ceil(M/bm), ceil(N/bm)] (one scale per bm×bn block, edge blocks partial; `scale_fmt: ue8m0` makes
 every scale a power of two, possibly stored as float8_e8m0fnu). DeepSeek's reference
 (`inference/kernel.py` weight_dequant, used by `fp8_cast_bf16.py`) computes, per block,
 `float32(W) * scale` and rounds once to bfloat16; `dequantize` does exactly that, so the result is
-bit-identical to theirs. Which tensors are quantized is decided by the presence of `<name>_scale_inv`
+bit-identical to theirs. For float32 output the float32 product is kept as it is: rounding it
+through bfloat16 would throw away 16 bits the checkpoint holds (on a small V3-layout model that
+moved the logits by 17% and flipped router choices). Which tensors are quantized is decided by the presence of `<name>_scale_inv`
 and checked against each weight's dtype and `config.json`'s `quantization_config`.
 """
 
@@ -57,24 +59,29 @@ def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int]) -> tuple[
     return (math.ceil(m / block[0]), math.ceil(n / block[1]))
 
 
-def dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
-    """float8 W [M,N] and scales [ceil(M/bm), ceil(N/bn)] -> bfloat16 W, DeepSeek's rounding.
+def dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], dtype=BF16) -> np.ndarray:
+    """float8 W [M,N] and scales [ceil(M/bm), ceil(N/bn)] -> float32(W) * scale, rounded once to `dtype`.
 
-    Works one row of blocks at a time so the float32 temporaries stay small.
+    bfloat16 gives DeepSeek's rounding; float32 keeps the product exactly as computed. Works one row
+    of blocks at a time so the float32 temporaries stay small.
     """
     bm, bn = block
     m, n = weight.shape
     scale = scale_inv.astype(np.float32)
-    out = np.empty((m, n), BF16)
+    out = np.empty((m, n), dtype)
     for i in range(scale.shape[0]):
         rows = slice(i * bm, min((i + 1) * bm, m))
         per_column = np.repeat(scale[i], bn)[:n]  # each block's scale spread over its bn columns
-        out[rows] = (weight[rows].astype(np.float32) * per_column).astype(BF16)
+        out[rows] = weight[rows].astype(np.float32) * per_column  # float32 product, one rounding on storing
     return out
 
 
-def dequantizing(source: Source, quant: Quantization | None, config_path: str) -> Source:
-    """The source with every FP8 weight replaced by its bfloat16 dequantization, scales hidden."""
+def dequantizing(source: Source, quant: Quantization | None, config_path: str, dtype=BF16) -> Source:
+    """The source with every FP8 weight replaced by its dequantization in `dtype` (bfloat16 or
+    float32), scales hidden."""
+    dtype = np.dtype(dtype)
+    if dtype not in (BF16, np.dtype(np.float32)):
+        raise ValueError(f"FP8 weights dequantize to bfloat16 or float32, not {dtype}")
     refs = source.refs
     fp8_names = sorted(n for n, r in refs.items() if r.dtype == FP8)
     scale_names = sorted(n for n in refs if n.endswith(SCALE_SUFFIX))
@@ -102,8 +109,8 @@ def dequantizing(source: Source, quant: Quantization | None, config_path: str) -
             )
         if scale.dtype not in _SCALE_DTYPES:
             raise CheckpointError(f"{scale.file}: scale {name!r} has dtype {scale.dtype}; expected float32 or float8_e8m0fnu")
-        out[weight_name] = Ref(weight_name, weight.file, BF16, weight.shape,
-                               lambda w=weight, s=scale: _read(w, s, quant))
+        out[weight_name] = Ref(weight_name, weight.file, dtype, weight.shape,
+                               lambda w=weight, s=scale: _read(w, s, quant, dtype))
     unscaled = [n for n in fp8_names if n + SCALE_SUFFIX not in refs]
     if unscaled:
         raise CheckpointError(
@@ -112,10 +119,10 @@ def dequantizing(source: Source, quant: Quantization | None, config_path: str) -
     return Source(source.directory, out, source.kind)
 
 
-def _read(weight: Ref, scale: Ref, quant: Quantization) -> np.ndarray:
+def _read(weight: Ref, scale: Ref, quant: Quantization, dtype: np.dtype) -> np.ndarray:
     scale_inv = scale.read()
     if quant.scale_fmt == "ue8m0":
         mantissa, _ = np.frexp(scale_inv.astype(np.float32))
         if not np.all(mantissa == 0.5):
             raise CheckpointError(f"{scale.file}: scale {scale.name!r} is declared ue8m0 but holds values that are not powers of two")
-    return dequantize(weight.read(), scale_inv, quant.block)
+    return dequantize(weight.read(), scale_inv, quant.block, dtype)

@@ -262,7 +262,14 @@ def _add(refs: dict[str, Ref], ref: Ref) -> None:
 
 # ------------------------------------------------------------------------------- torch
 def _torch_refs(files: dict[str, set[str] | None]) -> dict[str, Ref]:
-    import torch
+    try:
+        import torch
+    except ImportError:
+        first = sorted(files)[0]
+        raise CheckpointError(
+            f"{first}: a PyTorch checkpoint, and reading it needs torch, which is not installed: "
+            "`pip install torch` (the CPU build is enough), or convert it to safetensors first"
+        ) from None
 
     refs: dict[str, Ref] = {}
     for path, indexed in files.items():

@@ -3,15 +3,22 @@
 A checkpoint directory holds:
   config.json     the model's hub-style config (`Config.to_hf()`); written last, so a directory that
                   has it is complete
-  mla_jax.json    the layout: format version, dtype, and for every orbax item the variables it holds
-                  (path, shape, dtype)
+  mla_jax.json    the layout: format version, dtype, for every orbax item the variables it holds
+                  (path, shape, dtype), and every weight file's size and CRC-32 ("files"; config
+                  and tokenizer files are left out: users edit them, and parsing checks them)
   state/part_NNNNN/  orbax (StandardCheckpointer) items, each a nested dict of a few whole variables
   tokenizer files copied along, when given
 
 Variables go to disk in parts of about `part_bytes` as soon as they are ready, so a converter or a
 saver never holds more than a part or two in host memory; a reader restores part by part straight
 into device arrays. Everything is written into a hidden sibling directory that is renamed into place
-only when complete: an interrupted run leaves nothing that looks like a checkpoint.
+only when complete: an interrupted run leaves nothing that looks like a checkpoint (destination
+rules, interrupts and disk-full errors: `mla_jax.staging`).
+
+Reading verifies every weight file against its recorded checksum before orbax sees it (a part is checked
+on a helper thread while the previous one is restored); a damaged, truncated or missing file is a
+CheckpointError naming it. Version 1 checkpoints (written before checksums were recorded) are still
+read, unverified, with a warning.
 
 The converter (`checkpoints.convert`), `mla_jax.save` and `mla_jax.load` all go through
 this file; nothing else knows the layout.
@@ -19,16 +26,27 @@ this file; nothing else knows the layout.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
+import re
 import shutil
+import warnings
 from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
 
+from mla_jax import checksums
+from mla_jax.staging import (  # noqa: F401  (re-exported: the checkpoint code's one error type and rules)
+    CheckpointError, DeferredSignals, Kind, Staging, check_destination, check_separate, quiet_orbax_errors,
+    user_path, write_errors,
+)
+
 FORMAT = "mla-jax-orbax"
-VERSION = 1
+VERSION = 2  # 2: "files" records every file's size and CRC-32; 1 had none
+READABLE_VERSIONS = (1, 2)
 LAYOUT_FILE = "mla_jax.json"
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
@@ -40,10 +58,6 @@ TOKENIZER_FILES = (
 DEFAULT_PART_BYTES = 128 << 20
 
 Path = tuple  # ("layers", 0, "self_attn", "q_b_proj", "kernel"); ("mtp", "<hub name>") for extras
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (or its destination) that cannot be read or written as asked."""
 
 
 def path_name(path: Path) -> str:
@@ -70,17 +84,45 @@ def _leaves(tree: Mapping, paths: Iterable[Path]) -> Iterator[tuple[Path, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- writing
+def is_checkpoint(path: str) -> bool:
+    """A directory whose mla_jax.json says it is our layout: what `overwrite` may replace."""
+    try:
+        with open(os.path.join(path, LAYOUT_FILE)) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+CHECKPOINT = Kind(f"an mla-jax checkpoint (no {LAYOUT_FILE} of format {FORMAT!r})", is_checkpoint)
+
+
 class Writer:
     """Streams variables into a new checkpoint at `dst`; `commit()` publishes it atomically.
 
-    Use as a context manager: leaving the block by an exception removes the partial directory.
+    Use as a context manager: leaving the block by an exception (KeyboardInterrupt included) waits
+    for the writes in flight and removes the partial directory. `sources` are directories the
+    destination must keep clear of (see `mla_jax.staging`).
     """
 
-    def __init__(self, dst: str | os.PathLike, *, overwrite: bool = False, part_bytes: int = DEFAULT_PART_BYTES):
-        self.stage = Staging(dst, overwrite=overwrite)
+    def __init__(self, dst: str | os.PathLike, *, overwrite: bool = False, part_bytes: int = DEFAULT_PART_BYTES,
+                 sources=()):
+        self.stage = Staging(dst, overwrite=overwrite, kind=CHECKPOINT, sources=sources)
+        self.dst = self.stage.dst
         self.part_bytes = part_bytes
-        os.makedirs(os.path.join(self.stage.tmp, STATE_DIR))
-        self._checkpointer = _saver()
+        self._quiet = contextlib.ExitStack()
+        try:
+            with write_errors(self.dst):
+                os.makedirs(os.path.join(self.stage.tmp, STATE_DIR))
+            self._quiet.enter_context(quiet_orbax_errors())
+            self._checkpointer = _saver()
+        except BaseException:
+            self._quiet.close()
+            self.stage.discard()
+            raise
+        # Each finished part is checksummed on this thread while the next one is read and written.
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mla-jax-checksum")
+        self._sums: list[concurrent.futures.Future] = []
+        self._unhashed: str | None = None
         self._pending: dict[Path, Any] = {}
         self._pending_bytes = 0
         self._items: list[dict] = []
@@ -92,7 +134,7 @@ class Writer:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None or not self._committed:
-            self.abort()
+            self.abort(interrupted=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
         return False
 
     def add(self, path: Path, array) -> None:
@@ -100,6 +142,7 @@ class Writer:
 
         The array is written in the background without a defensive copy: never modify it afterwards.
         """
+        self.stage.check()
         path = tuple(path)
         if path in self._seen:
             raise CheckpointError(f"variable {path_name(path)} written twice")
@@ -113,6 +156,7 @@ class Writer:
             self.flush()  # now, so the caller can drop its reference before building the next
 
     def flush(self) -> None:
+        self.stage.check()
         if not self._pending:
             return
         name = f"part_{len(self._items):05d}"
@@ -123,56 +167,56 @@ class Writer:
         # previous save before starting a new one, so at most two parts are alive.
         import orbax.checkpoint as ocp
 
-        self._checkpointer.save(os.path.join(self.stage.tmp, STATE_DIR, name), args=ocp.args.PyTreeSave(_nest(self._pending)))
+        with write_errors(self.dst):
+            self._checkpointer.save(os.path.join(self.stage.tmp, STATE_DIR, name), args=ocp.args.PyTreeSave(_nest(self._pending)))
+        self._checksum_finished_part()  # the previous one: save() returns only once it is complete
+        self._unhashed = name
         self._items.append({"dir": name, "variables": variables})
         self._pending, self._pending_bytes = {}, 0
 
+    def _checksum_finished_part(self) -> None:
+        if self._unhashed is not None:
+            part = f"{STATE_DIR}/{self._unhashed}"
+            self._sums.append(self._hasher.submit(
+                lambda tmp=self.stage.tmp: checksums.record(tmp, checksums.files_under(tmp, part))))
+            self._unhashed = None
+
     def commit(self, config_json: Mapping[str, Any], *, dtype: str, tokenizer_from: str | os.PathLike | None = None,
                extra: Mapping[str, Any] | None = None) -> str:
-        """Finish the writes, add the layout, tokenizer and config.json, and rename into place."""
+        """Finish the writes, add the layout (with every weight file's checksum), tokenizer and
+        config.json, and rename into place."""
         self.flush()
-        self._checkpointer.wait_until_finished()
-        self._checkpointer.close()
-        layout = {"format": FORMAT, "version": VERSION, "dtype": dtype, "items": self._items, **(extra or {})}
-        write_json(os.path.join(self.stage.tmp, LAYOUT_FILE), layout)
-        if tokenizer_from is not None:
-            copy_tokenizer(tokenizer_from, self.stage.tmp)
-        write_json(os.path.join(self.stage.tmp, CONFIG_FILE), dict(config_json))  # the completeness marker
+        with write_errors(self.dst):
+            self._checkpointer.wait_until_finished()
+            self._checkpointer.close()
+            self._checksum_finished_part()
+            files = {}
+            for done in self._sums:
+                files.update(done.result())
+            self.stage.check()
+            layout = {"format": FORMAT, "version": VERSION, "dtype": dtype, "items": self._items, **(extra or {}),
+                      "files": dict(sorted(files.items()))}
+            write_json(os.path.join(self.stage.tmp, LAYOUT_FILE), layout)
+            if tokenizer_from is not None:
+                copy_tokenizer(tokenizer_from, self.stage.tmp)
+            write_json(os.path.join(self.stage.tmp, CONFIG_FILE), dict(config_json))  # the completeness marker
         dst = self.stage.publish()
         self._committed = True
+        self._finish()
         return dst
 
-    def abort(self) -> None:
+    def abort(self, interrupted: bool = False) -> None:
+        """Waits for writes in flight, then removes the partial directory."""
         try:
             self._checkpointer.close()
         except Exception:  # the original error matters more than a failure to close
             pass
-        self.stage.discard()
+        self._finish()
+        self.stage.discard(interrupted=interrupted)
 
-
-class Staging:
-    """A hidden sibling `.NAME.tmp-PID` of `dst` to fill, then rename onto `dst` in one step."""
-
-    def __init__(self, dst: str | os.PathLike, *, overwrite: bool = False):
-        self.dst = os.path.abspath(os.fspath(dst))
-        self.overwrite = overwrite
-        check_destination(self.dst, overwrite)
-        parent, name = os.path.split(self.dst)
-        self.tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
-        try:
-            os.makedirs(parent, exist_ok=True)
-            if os.path.exists(self.tmp):  # left by a killed run that had our pid: never a checkpoint
-                shutil.rmtree(self.tmp)
-            os.makedirs(self.tmp)
-        except OSError as e:
-            raise CheckpointError(f"destination {self.dst}: cannot write in {parent} ({e.strerror or e})") from None
-
-    def publish(self) -> str:
-        publish(self.tmp, self.dst, self.overwrite)
-        return self.dst
-
-    def discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def _finish(self) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
+        self._quiet.close()
 
 
 def _saver():
@@ -194,38 +238,8 @@ def _saver():
     return ocp.AsyncCheckpointer(handler)
 
 
-def check_destination(dst: str, overwrite: bool) -> None:
-    """Refuses an existing destination (unless overwrite) and one whose parent cannot be written."""
-    if os.path.lexists(dst) and not overwrite:
-        raise CheckpointError(f"destination {dst} already exists; pass --overwrite (overwrite=True) to replace it")
-    parent = os.path.dirname(dst)
-    existing = parent
-    while existing and not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if existing and not os.path.isdir(existing):
-        raise CheckpointError(f"destination {dst} is not writable: {existing} is a file, not a directory")
-    if existing and not os.access(existing, os.W_OK | os.X_OK):
-        raise CheckpointError(f"destination {dst} is not writable: no write permission on {existing}")
-
-
-def publish(tmp: str, dst: str, overwrite: bool) -> None:
-    """Renames the finished `tmp` onto `dst`; an old `dst` is moved aside first, then deleted."""
-    old = None
-    if os.path.lexists(dst):
-        if not overwrite:
-            raise CheckpointError(f"destination {dst} appeared while writing; the new checkpoint is left at {tmp}")
-        old = f"{tmp}.old"
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old)
-        else:
-            os.remove(old)
-
-
 def copy_tokenizer(src: str | os.PathLike, dst_dir: str) -> list[str]:
-    src = os.fspath(src)
+    src = user_path(src)
     copied = []
     for name in TOKENIZER_FILES:
         path = os.path.join(src, name)
@@ -245,8 +259,9 @@ def write_json(path: str, obj) -> None:
 
 # ---------------------------------------------------------------------------------------- reading
 def read_layout(path: str | os.PathLike) -> dict:
-    """The layout of a complete checkpoint directory, validated."""
-    path = os.fspath(path)
+    """The layout of a complete checkpoint directory, validated; every weight file must exist with
+    its recorded size (a stat, no reading: `restore` verifies the checksums)."""
+    path = user_path(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     layout_file = os.path.join(path, LAYOUT_FILE)
@@ -258,17 +273,31 @@ def read_layout(path: str | os.PathLike) -> dict:
     try:
         with open(layout_file) as f:
             layout = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{layout_file}: not valid JSON ({e})") from None
-    if layout.get("format") != FORMAT or layout.get("version") != VERSION:
+    if not isinstance(layout, dict) or layout.get("format") != FORMAT or layout.get("version") not in READABLE_VERSIONS:
+        found = (layout.get("format"), layout.get("version")) if isinstance(layout, dict) else (None, None)
         raise CheckpointError(
-            f"{layout_file}: format {layout.get('format')!r} version {layout.get('version')!r}; "
-            f"expected {FORMAT!r} version {VERSION}"
+            f"{layout_file}: format {found[0]!r} version {found[1]!r}; "
+            f"expected {FORMAT!r} version {' or '.join(map(str, READABLE_VERSIONS))}"
         )
     for item in layout["items"]:
         if not os.path.isdir(os.path.join(path, STATE_DIR, item["dir"])):
             raise CheckpointError(f"{path}: item {STATE_DIR}/{item['dir']} listed in {LAYOUT_FILE} is missing")
+    if layout["version"] == 1:
+        warnings.warn(f"{path} was written before mla-jax recorded checksums (format version 1): it is read "
+                      "without an integrity check; save or convert it again to add them", stacklevel=2)
+        return layout
+    files = layout.get("files")
+    if not isinstance(files, dict) or (layout["items"] and not files):
+        raise CheckpointError(f"{layout_file}: version {layout['version']} without its \"files\" checksums (damaged)")
+    checksums.check_present(path, files, files)
     return layout
+
+
+def _part_files(layout: Mapping, item: Mapping) -> list[str]:
+    prefix = f"{STATE_DIR}/{item['dir']}/"
+    return [rel for rel in layout.get("files", {}) if rel.startswith(prefix)]
 
 
 def dtype_named(name: str) -> np.dtype:
@@ -285,21 +314,35 @@ def stored_variables(layout: Mapping) -> dict[Path, tuple[tuple[int, ...], str]]
     }
 
 
-def restore(path: str | os.PathLike, layout: Mapping, targets: Mapping[Path, jax.ShapeDtypeStruct]
-            ) -> Iterator[tuple[Path, Any]]:
+# tensorstore's status codes for data it could not read (its errors arrive as ValueError)
+_UNREADABLE = re.compile(r"^(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|INVALID_ARGUMENT|UNKNOWN)\b")
+
+
+def restore(path: str | os.PathLike, layout: Mapping, targets: Mapping[Path, jax.ShapeDtypeStruct], *,
+            verify: bool = True) -> Iterator[tuple[Path, Any]]:
     """Yields (path, array) for the variables in `targets`, part by part, nothing else held.
 
     A target with a sharding comes back as a jax.Array laid out on its devices (each device reads
     only its shard); one without comes back as a numpy array. Dtypes are cast by orbax on reading.
+    With `verify` (and checksums recorded), each part's files are checked before orbax reads them;
+    the check of the next part runs while this one is restored, and leaves it in the page cache.
     """
     import orbax.checkpoint as ocp
 
+    # orbax refuses relative paths ("Checkpoint path should be absolute")
+    path = user_path(path)
+    items = [item for item in layout["items"] if any(tuple(v["path"]) in targets for v in item["variables"])]
+    check = checksums.verify if verify else checksums.check_present
+    files = layout.get("files", {})
     checkpointer = ocp.StandardCheckpointer()
+    checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mla-jax-verify")
+    checks = [checker.submit(check, path, files, _part_files(layout, item)) for item in items[:1]]
     try:
-        for item in layout["items"]:
+        for i, item in enumerate(items):
+            if i + 1 < len(items):
+                checks.append(checker.submit(check, path, files, _part_files(layout, items[i + 1])))
+            checks[i].result()
             wanted = [tuple(v["path"]) for v in item["variables"] if tuple(v["path"]) in targets]
-            if not wanted:
-                continue
             # orbax restores whole trees: a variable not asked for (an MTP tensor, were it to share a
             # part) is read too, as a host array of its stored shape, and dropped.
             tree = _nest({
@@ -307,9 +350,25 @@ def restore(path: str | os.PathLike, layout: Mapping, targets: Mapping[Path, jax
                 else jax.ShapeDtypeStruct(tuple(v["shape"]), dtype_named(v["dtype"]))
                 for v in item["variables"]
             })
-            # orbax refuses relative paths ("Checkpoint path should be absolute")
-            directory = os.path.join(os.path.abspath(os.fspath(path)), STATE_DIR, item["dir"])
-            restored = checkpointer.restore(directory, tree)
-            yield from _leaves(restored, wanted)
+            directory = os.path.join(path, STATE_DIR, item["dir"])
+            yield from _leaves(_restore_part(checkpointer, directory, tree), wanted)
     finally:
+        checker.shutdown(wait=True, cancel_futures=True)
         checkpointer.close()
+
+
+def _restore_part(checkpointer, directory: str, tree: dict) -> dict:
+    """One orbax item; an interrupt waits until it is read, an unreadable file is one line."""
+    signals = DeferredSignals()
+    try:
+        with quiet_orbax_errors():
+            return checkpointer.restore(directory, tree)
+    except (ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, OSError) or _UNREADABLE.match(first):
+            raise CheckpointError(
+                f"{directory}: cannot be read ({first[:300]}); the checkpoint is damaged: restore or re-create it"
+            ) from None
+        raise
+    finally:
+        signals.restore()

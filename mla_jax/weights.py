@@ -46,15 +46,17 @@ def model_variables(model: nnx.Module) -> Iterator[tuple[store.Path, nnx.Variabl
             yield tuple(path), node
 
 
-def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, rules: Rules | None = None
-         ) -> Transformer:
+def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, rules: Rules | None = None,
+         *, verify: bool = True) -> Transformer:
     """The Transformer stored at `path` (written by `mla-jax convert` or `save`), weights in `dtype`.
 
     With a `mesh`, each weight is laid out by the sharding rules (`mla_jax.sharding`; default: experts
     over E, attention over heads N); without, everything lands on the first device. Weights kept
-    in float32 by the model (the router's correction bias) stay float32.
+    in float32 by the model (the router's correction bias) stay float32. `verify` checks every
+    file against the checksum recorded when it was written (a damaged file is a CheckpointError
+    naming it); False skips the reading that costs, not the size check.
     """
-    path = os.fspath(path)
+    path = store.user_path(path)
     layout = store.read_layout(path)
     config = Config.from_hf(os.path.join(path, store.CONFIG_FILE))
     model = abstract_model(config, as_dtype(dtype))
@@ -67,7 +69,7 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, 
         shape = tuple(var.shape)
         sharding = device if mesh is None else named_sharding(store.path_name(p), shape, mesh, rules)
         targets[p] = jax.ShapeDtypeStruct(shape, var.dtype, sharding=sharding)
-    for p, array in store.restore(path, layout, targets):
+    for p, array in store.restore(path, layout, targets, verify=verify):
         variables[p].set_value(array)
     return model
 
@@ -93,7 +95,8 @@ def save(model: Transformer, path: str | os.PathLike, *, tokenizer_from: str | o
     """Writes `model` as an mla-jax checkpoint at `path` (atomic; the layout `mla-jax convert` writes).
 
     Sharded weights are written shard by shard from their devices. `tokenizer_from` is a directory
-    whose tokenizer files are copied along. Returns the absolute path.
+    whose tokenizer files are copied along. `overwrite` replaces only an existing mla-jax
+    checkpoint. Every file's checksum is recorded for `load` to verify. Returns the absolute path.
     """
     dtypes = {np.dtype(var.dtype).name for p, var in model_variables(model) if not isinstance(var, RouterBias)}
     dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
