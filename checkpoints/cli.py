@@ -1,13 +1,15 @@
-"""`mla-jax convert` and `mla-jax export`: argument parsing around checkpoints.convert / .export."""
+"""`mla-jax convert` and `mla-jax export`: argument parsing around checkpoints.convert / .export.
+
+Errors (CheckpointError, ConfigError, ...), Ctrl-C and SIGTERM reach the one boundary in `mla_jax.cli`;
+convert and export clean up after themselves before they get there. The progress bar is drawn only
+on a terminal, so logs and pipes get the result line alone.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-
-from mla_jax.config import ConfigError
-from mla_jax.store import CheckpointError
 
 DTYPES = ("bfloat16", "float32")
 
@@ -51,11 +53,8 @@ def register(subparsers) -> None:
 def _convert(args) -> int:
     from checkpoints.convert import convert
 
-    try:
-        r = convert(args.src, args.dst, dtype=args.dtype, keep_mtp=args.keep_mtp, overwrite=args.overwrite)
-    except (CheckpointError, ConfigError) as e:
-        print(f"mla-jax convert: error: {e}", file=sys.stderr)
-        return 1
+    r = convert(args.src, args.dst, dtype=args.dtype, keep_mtp=args.keep_mtp, overwrite=args.overwrite,
+                progress=sys.stderr.isatty())
     mtp = f", {r.mtp_tensors} MTP tensors kept" if r.mtp_tensors else ""
     print(f"wrote {r.dst}: {r.tensors} tensors, {_size(r.bytes_read)} read in {r.seconds:.1f} s "
           f"({_size(r.bytes_read / max(r.seconds, 1e-9))}/s){mtp}")
@@ -72,11 +71,7 @@ def _size(nbytes: float) -> str:
 def _export(args) -> int:
     from checkpoints.export import export
 
-    try:
-        dst = export(args.ckpt, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                     max_shard_bytes=max(1, int(args.max_shard_gb * 2**30)))
-    except (CheckpointError, ConfigError) as e:
-        print(f"mla-jax export: error: {e}", file=sys.stderr)
-        return 1
+    dst = export(args.ckpt, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                 max_shard_bytes=max(1, int(args.max_shard_gb * 2**30)), progress=sys.stderr.isatty())
     print(f"wrote {dst}")
     return 0

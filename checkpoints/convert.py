@@ -69,8 +69,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype="bfloat16",
     start = time.perf_counter()
     with store.Writer(dst, overwrite=overwrite, part_bytes=part_bytes, sources=sources) as writer, \
             Prefetcher(source, read_order(config) + mtp) as prefetch, tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
-        disable=None if progress else True,  # None: shown only on a terminal
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,
         dynamic_ncols=True,
     ) as bar:
         done = 0

@@ -29,6 +29,7 @@ from checkpoints import names
 from checkpoints import safetensors_io as st
 from mla_jax import store
 from mla_jax.config import Config
+from mla_jax.errors import UsageError
 from mla_jax.weights import as_dtype
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -70,7 +71,7 @@ def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overw
     verify: check the checkpoint's files against their recorded checksums while reading.
     """
     if not (isinstance(max_shard_bytes, (int, float)) and math.isfinite(max_shard_bytes) and max_shard_bytes > 0):
-        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}; expected a positive number of bytes")
+        raise UsageError(f"max_shard_bytes={max_shard_bytes!r}; expected a positive number of bytes")
     ckpt = store.user_path(ckpt)
     layout = store.read_layout(ckpt)
     config = Config.from_hf(os.path.join(ckpt, store.CONFIG_FILE))
@@ -84,7 +85,7 @@ def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overw
     with store.Staging(dst, overwrite=overwrite, kind=EXPORT, sources=[ckpt]) as stage, \
             store.write_errors(stage.dst):
         with tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="export", disable=None if progress else True, dynamic_ncols=True) as bar:
+                  desc="export", disable=not progress, dynamic_ncols=True) as bar:
             tensors = _hub_tensors(ckpt, layout, plan, bar, stage, verify)
             weight_map = {}
             for i, shard in enumerate(shards):

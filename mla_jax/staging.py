@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 
@@ -136,6 +137,16 @@ def sweep_stale(dst: str) -> list[str]:
     return removed
 
 
+def _remove_settled(path: str, attempts: int = 20) -> None:
+    """Removes `path` and makes sure it stays gone: after a failed write, a straggling tensorstore
+    operation may still create a file in it (recreating the directory) just after it was removed."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(0.05)
+        if not os.path.lexists(path):
+            return
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -188,7 +199,7 @@ class Staging:
 
     def discard(self, interrupted: bool = False) -> None:
         """Removes the temporary directory; signals arriving meanwhile wait until it is gone."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        _remove_settled(self.tmp)
         self._signals.restore(deliver=not interrupted)
 
 

@@ -363,12 +363,24 @@ def _restore_part(checkpointer, directory: str, tree: dict) -> dict:
     try:
         with quiet_orbax_errors():
             return checkpointer.restore(directory, tree)
-    except (ValueError, OSError) as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        if isinstance(e, OSError) or _UNREADABLE.match(first):
-            raise CheckpointError(
-                f"{directory}: cannot be read ({first[:300]}); the checkpoint is damaged: restore or re-create it"
-            ) from None
-        raise
+    except Exception as e:
+        cause = _unreadable_cause(e)
+        if cause is None:
+            raise
+        raise CheckpointError(
+            f"{directory}: cannot be read ({cause[:300]}); the checkpoint is damaged: restore or re-create it"
+        ) from None
     finally:
         signals.restore()
+
+
+def _unreadable_cause(exc: BaseException) -> str | None:
+    """The first line of the OS or tensorstore read error behind `exc` (orbax wraps them), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        first = (str(exc).strip().splitlines() or [""])[0]
+        if isinstance(exc, OSError) or (isinstance(exc, ValueError) and _UNREADABLE.match(first)):
+            return first
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -1,5 +1,5 @@
-"""Running `mla-jax` the way a user does (in-process through `main`, or as a subprocess), and
-checking that nothing was lost: directory fingerprints, leftover temporaries, one-line errors.
+"""Running `mla-jax` in-process through `main` (subprocesses: tests/cli_helpers.py), and checking
+that nothing was lost: directory fingerprints, leftover temporaries, one-line errors.
 
 The shipped tiny checkpoint (`checkpoints/tiny_v3`, a hub safetensors directory of 1 MB) is the
 source: converting it needs neither torch nor transformers.
@@ -10,13 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli_helpers import ROOT, plugin_noise
+
 TINY = os.path.join(ROOT, "checkpoints", "tiny_v3")
-# What importing jax with the CUDA compile-only plugin prints on a machine without a GPU.
-_PLUGIN_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|.*cudart_stub\.cc.*Could not find cuda drivers)")
 
 
 def cli(capsys, *argv) -> tuple[int, list[str]]:
@@ -32,17 +29,7 @@ def cli(capsys, *argv) -> tuple[int, list[str]]:
 
 def error_lines(stderr: str) -> list[str]:
     """stderr's lines without the GPU plugin's start-up noise and blank lines."""
-    return [line for line in stderr.splitlines() if line.strip() and not _PLUGIN_NOISE.match(line)]
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
-
-
-def run_cli(*argv, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m mla_jax.cli ARGV` in a child process (this checkout first on its path)."""
-    return subprocess.run([sys.executable, "-m", "mla_jax.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=env(), timeout=timeout, cwd=ROOT)
+    return [line for line in stderr.splitlines() if line.strip() and not plugin_noise(line)]
 
 
 def fingerprint(directory) -> dict[str, str]:

@@ -145,8 +145,9 @@ def test_existing_destination_is_refused(templates, tmp_path):
         convert(templates / "single", tmp_path / "dst", progress=False)
 
 
-def test_overwrite_replaces_destination(templates, tmp_path):
-    (tmp_path / "dst").mkdir()
+def test_overwrite_replaces_an_earlier_checkpoint(templates, tmp_path):
+    """(A directory that is not a checkpoint is refused: test_ckpt_destination.py.)"""
+    convert(templates / "single", tmp_path / "dst", progress=False)
     (tmp_path / "dst" / "stale.txt").write_text("old")
     convert(templates / "single", tmp_path / "dst", overwrite=True, progress=False)
     assert not (tmp_path / "dst" / "stale.txt").exists() and (tmp_path / "dst" / "config.json").exists()

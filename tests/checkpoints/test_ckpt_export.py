@@ -2,7 +2,6 @@
 bit-identical in the same dtype. The `convert` / `export` CLI commands drive the same functions.
 """
 
-import argparse
 import json
 import os
 
@@ -12,7 +11,6 @@ import pytest
 pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from checkpoints import cli  # noqa: E402
 from checkpoints.convert import convert  # noqa: E402
 from checkpoints.export import export  # noqa: E402
 from ckpt_helpers import read_all, save_hub, shard_files, write_single  # noqa: E402
@@ -78,10 +76,9 @@ def test_export_casts_to_requested_dtype(tmp_path):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from mla_jax.cli import main
+
+    return main(argv)
 
 
 def test_cli_convert_then_export(tmp_path, capsys):
@@ -95,4 +92,5 @@ def test_cli_convert_then_export(tmp_path, capsys):
 def test_cli_reports_bad_input_as_an_error_line(tmp_path, capsys):
     os.makedirs(tmp_path / "dst")
     code = _cli(["convert", str(tmp_path / "nowhere"), str(tmp_path / "dst")])
-    assert (code, capsys.readouterr().err.startswith("mla-jax convert: error: destination")) == (1, True)
+    assert (code, capsys.readouterr().err) == (1, f"mla-jax convert: error: {tmp_path / 'nowhere' / 'config.json'}: "
+                                                  "no config.json found\n")

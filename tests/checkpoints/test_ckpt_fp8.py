@@ -1,9 +1,11 @@
-"""DeepSeek FP8 checkpoints convert to exactly the weights DeepSeek's own dequantization gives.
+"""DeepSeek FP8 checkpoints convert to exactly the weights DeepSeek's own dequantization gives, in
+the output dtype's precision.
 
 A tiny random V3 model's linear weights are block-quantized to float8_e4m3fn with `weight_scale_inv`
 per block (blocks of 16×32 so that the tiny shapes have several blocks and partial edge blocks), the
-way the V3 / R1 / V3.1 releases store them. The reference is DeepSeek's `weight_dequant` written in
-torch: float32(W) * per-block scale, rounded once to bfloat16.
+way the V3 / R1 / V3.1 releases store them. The bfloat16 reference is DeepSeek's `weight_dequant`
+written in torch: float32(W) * per-block scale, rounded once to bfloat16. The float32 reference is
+that same product with no rounding step after it.
 """
 
 import ml_dtypes
@@ -38,8 +40,15 @@ def deepseek_weight_dequant(weight: np.ndarray, scale_inv: np.ndarray, block) ->
     return y.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
 
 
-def make_fp8_checkpoint(directory, ue8m0: bool, scale_dtype) -> dict[str, np.ndarray]:
-    """Quantizes a saved tiny V3 model in place; returns the expected bf16 hub tensors."""
+def float32_dequant(weight: np.ndarray, scale_inv: np.ndarray, block) -> np.ndarray:
+    """float32(W) * per-block scale, computed in float32 and kept there."""
+    m, n = weight.shape
+    s_full = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], 0), block[1], 1)[:m, :n]
+    return weight.astype(np.float32) * s_full
+
+
+def make_fp8_checkpoint(directory, ue8m0: bool, scale_dtype, dtype: str = "bfloat16") -> dict[str, np.ndarray]:
+    """Quantizes a saved tiny V3 model in place; returns the expected hub tensors in `dtype`."""
     save_hub("v3_like_noaux_tc_yarn", str(directory), "safetensors")
     original = read_all(str(directory))
     stored, expected = {}, {}
@@ -47,7 +56,8 @@ def make_fp8_checkpoint(directory, ue8m0: bool, scale_dtype) -> dict[str, np.nda
         if quantizable(name, w):
             q, scale = block_quantize(w, BLOCK, ue8m0)
             stored[name], stored[name + "_scale_inv"] = q, scale.astype(scale_dtype)
-            expected[name] = deepseek_weight_dequant(q, scale, BLOCK)
+            reference = deepseek_weight_dequant if dtype == "bfloat16" else float32_dequant
+            expected[name] = reference(q, scale.astype(scale_dtype), BLOCK)
         else:  # the release keeps norms, embeddings, router and head in bf16
             stored[name] = expected[name] = w.astype(ml_dtypes.bfloat16)
     write_single(str(directory), stored)
@@ -61,13 +71,23 @@ def make_fp8_checkpoint(directory, ue8m0: bool, scale_dtype) -> dict[str, np.nda
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("scales", sorted(SCALE_FORMATS))
 def test_fp8_weights_convert_to_deepseeks_dequantization(tmp_path, scales, dtype):
-    expected = make_fp8_checkpoint(tmp_path / "hf", **SCALE_FORMATS[scales])
+    expected = make_fp8_checkpoint(tmp_path / "hf", **SCALE_FORMATS[scales], dtype=dtype)
     convert(tmp_path / "hf", tmp_path / "ckpt", dtype=dtype, progress=False)
     ours = state_dict(load(tmp_path / "ckpt", dtype=jnp.dtype(dtype)))
     worst = max(
         float(np.max(np.abs(ours[k].astype(np.float32) - v.astype(np.float32)))) for k, v in expected.items()
     )
     assert worst == 0.0
+
+
+def test_float32_output_keeps_the_bits_bfloat16_would_drop(tmp_path):
+    """The float32 conversion really differs from the bf16 one: the check above can tell them apart."""
+    expected = make_fp8_checkpoint(tmp_path / "hf", ue8m0=False, scale_dtype=np.float32, dtype="float32")
+    convert(tmp_path / "hf", tmp_path / "ckpt", dtype="float32", progress=False)
+    ours = state_dict(load(tmp_path / "ckpt", dtype=jnp.float32))
+    name = "model.layers.0.self_attn.q_b_proj.weight"
+    assert ours[name].dtype == np.float32 and np.array_equal(ours[name], expected[name])
+    assert not np.array_equal(ours[name], ours[name].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def test_synthetic_fp8_checkpoint_has_partial_edge_blocks(tmp_path):
