@@ -208,11 +208,11 @@ def publish(tmp: str, dst: str, overwrite: bool, kind: Kind) -> None:
     old = None
     if os.path.lexists(dst):
         if not overwrite:
-            raise CheckpointError(f"destination {dst} appeared while writing; the new output is left at {tmp}")
+            raise CheckpointError(f"destination {dst} appeared while writing; left it as it is and wrote nothing")
         if os.path.islink(dst) or not kind.test(dst):
             raise CheckpointError(
                 f"destination {dst} changed while writing and is no longer {kind.describe}; "
-                f"the new output is left at {tmp}"
+                "left it as it is and wrote nothing"
             )
         old = f"{tmp}.old"
         os.rename(dst, old)

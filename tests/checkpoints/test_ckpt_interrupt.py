@@ -30,14 +30,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _start(*argv) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _SLOW_CLI, *map(str, argv)], stdout=subprocess.PIPE,
+# Export, as slow: a short sleep per hub tensor it turns out.
+_SLOW_EXPORT_CLI = """
+import sys, time
+from checkpoints import names
+to_hub = names.to_hub
+names.to_hub = lambda *a, **k: (time.sleep(0.03), to_hub(*a, **k))[1]
+from mla_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start(*argv, script: str = _SLOW_CLI) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
 
 
-def _when_writing(child: subprocess.Popen, dst, parts: int = 3, timeout: float = 120) -> None:
-    """Waits until the child's staging directory holds `parts` orbax items (some still being written)."""
-    state = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{child.pid}", "state")
+def _when_writing(child: subprocess.Popen, dst, parts: int = 3, timeout: float = 120, under: str = "state") -> None:
+    """Waits until the child's staging directory holds `parts` entries under `under` (orbax items or
+    shards, some still being written)."""
+    state = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{child.pid}", under)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if os.path.isdir(state) and len(os.listdir(state)) >= parts:
@@ -78,6 +90,19 @@ def test_a_signal_mid_convert_exits_130_and_leaves_everything_as_it_was(hub, old
     lines = error_lines(stderr)
     assert (child.returncode, lines) == (130, [f"mla-jax convert: {said}"]), stderr
     assert fingerprint(hub) == source and fingerprint(out) == previous and temporaries(tmp_path) == []
+
+
+def test_ctrl_c_mid_export_leaves_the_old_export_and_no_temporary(old_ckpt, tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "mla_jax.cli", "export", str(old_ckpt), str(out)], check=True,
+                   capture_output=True, env=cli_env(), cwd=ROOT, timeout=240)
+    source, previous = fingerprint(old_ckpt), fingerprint(out)
+    child = _start("export", old_ckpt, out, "--overwrite", "--max-shard-gb", "0.0002", script=_SLOW_EXPORT_CLI)
+    _when_writing(child, out, parts=2, under="")
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert (child.returncode, error_lines(stderr)) == (130, ["mla-jax export: interrupted (Ctrl-C)"]), stderr
+    assert fingerprint(old_ckpt) == source and fingerprint(out) == previous and temporaries(tmp_path) == []
 
 
 def test_a_killed_convert_leaves_a_temporary_that_the_next_run_sweeps(hub, tmp_path):
