@@ -4,10 +4,14 @@ Writes random bf16 safetensors shards (hidden 2048, 16 heads, kv_lora 512, no q_
 of 1408 + 2 shared, first layer dense 10944, vocab 102400; fewer layers than the real 27) to a temp
 directory, then runs `checkpoints.convert.convert` in a child process and reports the source size,
 GB/s, and the child's peak resident memory (VmHWM), also as a fraction of the checkpoint size; then
-times `mla_jax.load` of the result (peak RSS too) and, for scale, plain sequential disk write / read.
-The result goes to bench/results/convert-cpu-<date>.json.
+times what verifying the written checksums costs (every weight file read and CRC-32'd, from a cold
+and from a warm page cache), `mla_jax.load` of the result (peak RSS too) and, for scale, plain
+sequential disk write / read. `--baseline-root` also times the converter of another checkout (e.g.
+`git archive <commit> | tar -x -C DIR`) on the same source, runs interleaved, so a change can be
+compared under the same machine load. The result goes to bench/results/convert-cpu-<date>.json.
 
-    python bench/convert.py [--layers 6] [--repeat 3] [--workdir /tmp] [--keep]
+    python bench/convert.py [--layers 6] [--repeat 3] [--workdir /tmp] [--keep] [--skip-load]
+                            [--baseline-root DIR]
 """
 
 from __future__ import annotations
@@ -69,6 +73,28 @@ print(json.dumps(dict(seconds=seconds, bytes=report.bytes_read, tensors=report.t
 """
 
 
+_VERIFY_CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from mla_jax import checksums, store
+layout = store.read_layout({dst!r})
+t = time.perf_counter()
+checksums.verify({dst!r}, layout["files"], layout["files"])
+print(json.dumps(dict(seconds=time.perf_counter() - t, files=len(layout["files"]),
+                      bytes=sum(f["size"] for f in layout["files"].values()))))
+"""
+
+
+def crc32_in_memory_gb_per_s(nbytes: int = 1 << 30) -> float:
+    """zlib.crc32 over a buffer already in memory: the checksum's own speed, without the disk."""
+    import zlib
+
+    data = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8).tobytes()
+    t = time.perf_counter()
+    zlib.crc32(data)
+    return round(nbytes / 1e9 / (time.perf_counter() - t), 3)
+
+
 _LOAD_CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
@@ -84,7 +110,7 @@ from flax import nnx
 from mla_jax.weights import load
 base = hwm_kb()
 t = time.perf_counter()
-model = load({dst!r}, dtype=jnp.bfloat16)
+model = load({dst!r}, dtype=jnp.bfloat16, verify={verify!r})
 jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
 print(json.dumps(dict(seconds=time.perf_counter() - t, rss_after_imports_kb=base, peak_rss_kb=hwm_kb())))
 """
@@ -176,8 +202,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="conversions to time (median reported)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the output")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--skip-load", action="store_true", help="skip timing mla_jax.load (its peak RSS is "
+                                                                  "about 1.2x the checkpoint)")
+    parser.add_argument("--baseline-root", help="another checkout whose converter is timed too, interleaved")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]  # other work on the machine slows every figure here
     work = tempfile.mkdtemp(prefix="mla-jax-bench-convert-", dir=args.workdir)
     src, dst = os.path.join(work, "hf"), os.path.join(work, "ckpt")
     os.makedirs(src)
@@ -186,25 +216,45 @@ def main() -> int:
         total, tensors, shards = write_synthetic(src, args.layers)
         print(f"synthetic checkpoint: {total / 1e9:.2f} GB, {tensors} tensors, {shards} shards "
               f"(written in {time.perf_counter() - t:.0f} s)", flush=True)
-        runs = []
+        runs, baseline_runs = [], []
+        # baseline first in each round, so the checkpoint left for the checks below is ours
+        roots = ([(os.path.abspath(args.baseline_root), baseline_runs)] if args.baseline_root else []) + [(ROOT, runs)]
         for _ in range(args.repeat):  # this VM's disk writeback varies a lot from run to run
-            shutil.rmtree(dst, ignore_errors=True)
-            cold = drop_page_cache()
-            child = subprocess.run([sys.executable, "-c", _CHILD.format(root=ROOT, src=src, dst=dst)],
+            for root, into in roots:
+                shutil.rmtree(dst, ignore_errors=True)
+                cold = drop_page_cache()
+                child = subprocess.run([sys.executable, "-c", _CHILD.format(root=root, src=src, dst=dst)],
+                                       capture_output=True, text=True)
+                if child.returncode:
+                    print(child.stderr, file=sys.stderr)
+                    return child.returncode
+                into.append(json.loads(child.stdout.strip().splitlines()[-1]))
+                print(f"  run {len(into)}{' (baseline)' if into is baseline_runs else ''}: {into[-1]['seconds']:.1f} s, "
+                      f"peak RSS {into[-1]['peak_rss_kb'] / 1e6:.2f} GB", flush=True)
+        out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
+        verify = {}
+        for cache in ("cold", "warm"):
+            dropped = drop_page_cache() if cache == "cold" else False
+            child = subprocess.run([sys.executable, "-c", _VERIFY_CHILD.format(root=ROOT, dst=dst)],
                                    capture_output=True, text=True)
             if child.returncode:
                 print(child.stderr, file=sys.stderr)
                 return child.returncode
-            runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
-            print(f"  run {len(runs)}: {runs[-1]['seconds']:.1f} s, peak RSS {runs[-1]['peak_rss_kb'] / 1e6:.2f} GB", flush=True)
-        out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
-        drop_page_cache()
-        child = subprocess.run([sys.executable, "-c", _LOAD_CHILD.format(root=ROOT, dst=dst)],
-                               capture_output=True, text=True)
-        if child.returncode:
-            print(child.stderr, file=sys.stderr)
-            return child.returncode
-        loaded = json.loads(child.stdout.strip().splitlines()[-1])
+            got = json.loads(child.stdout.strip().splitlines()[-1])
+            verify[cache] = dict(seconds=round(got["seconds"], 2), gb_per_s=round(got["bytes"] / 1e9 / got["seconds"], 3),
+                                 page_cache_dropped=dropped)
+            print(f"  verify ({cache} cache): {got['seconds']:.1f} s for {got['bytes'] / 1e9:.2f} GB in "
+                  f"{got['files']} files", flush=True)
+        verify.update(bytes=got["bytes"], files=got["files"], crc32_in_memory_gb_per_s=crc32_in_memory_gb_per_s())
+        loaded = {}
+        for check in ([] if args.skip_load else [True, False]):  # with and without verifying checksums
+            drop_page_cache()
+            child = subprocess.run([sys.executable, "-c", _LOAD_CHILD.format(root=ROOT, dst=dst, verify=check)],
+                                   capture_output=True, text=True)
+            if child.returncode:
+                print(child.stderr, file=sys.stderr)
+                return child.returncode
+            loaded[check] = json.loads(child.stdout.strip().splitlines()[-1])
         disk = disk_baseline(work)
     finally:
         if not args.keep:
@@ -215,7 +265,8 @@ def main() -> int:
     peak = max(r["peak_rss_kb"] for r in runs) * 1024
     result = dict(
         benchmark="convert", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine(), model="synthetic, DeepSeek-V2-Lite layer shapes", layers=args.layers,
+        machine=dict(machine(), load_average_1min=[round(load_before, 1), round(os.getloadavg()[0], 1)]),
+        model="synthetic, DeepSeek-V2-Lite layer shapes", layers=args.layers,
         source=dict(format="safetensors bf16, sharded with index", bytes=total, tensors=tensors, shards=shards,
                     page_cache_dropped_before_convert=cold),
         output=dict(dtype="bfloat16", bytes_on_disk=out_bytes),
@@ -225,12 +276,24 @@ def main() -> int:
         rss_after_imports_bytes=max(r["rss_after_imports_kb"] for r in runs) * 1024,
         part_bytes=DEFAULT_PART_BYTES,
         disk_baseline=disk,
-        load=dict(seconds=round(loaded["seconds"], 2), peak_rss_bytes=loaded["peak_rss_kb"] * 1024,
-                  peak_rss_fraction_of_checkpoint=round(loaded["peak_rss_kb"] * 1024 / total, 4),
-                  note="mla_jax.load(dtype=bfloat16) onto the CPU device: the weights themselves live in host memory"),
+        verify=dict(verify, note="checksums.verify over every weight file, as mla_jax.load(verify=True) does "
+                                 "(load overlaps it with restoring; this is the cost alone)"),
+        load=None if not loaded else dict(
+            seconds=round(loaded[True]["seconds"], 2), peak_rss_bytes=loaded[True]["peak_rss_kb"] * 1024,
+            peak_rss_fraction_of_checkpoint=round(loaded[True]["peak_rss_kb"] * 1024 / total, 4),
+            seconds_without_verify=round(loaded[False]["seconds"], 2),
+            note="mla_jax.load(dtype=bfloat16) onto the CPU device, page cache dropped before each: the weights "
+                 "themselves live in host memory; verify=True (the default) and verify=False"),
     )
+    if baseline_runs:
+        base = sorted(r["seconds"] for r in baseline_runs)
+        result["baseline"] = dict(root=os.path.abspath(args.baseline_root), seconds_each=[round(x, 2) for x in base],
+                                  seconds_median=round(base[len(base) // 2], 2),
+                                  gb_per_s_median=round(total / 1e9 / base[len(base) // 2], 3),
+                                  peak_rss_bytes=max(r["peak_rss_kb"] for r in baseline_runs) * 1024)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"convert-cpu-{datetime.date.today().isoformat()}.json")
+    suffix = "" if args.layers == 6 else f"-{args.layers}layers"
+    path = os.path.join(args.out, f"convert-cpu-{datetime.date.today().isoformat()}{suffix}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
@@ -239,8 +302,15 @@ def main() -> int:
           f"(best {result['gb_per_s_best']:.2f} GB/s over {len(runs)} runs); peak RSS {peak / 1e9:.2f} GB = "
           f"{100 * peak / total:.1f}% of the checkpoint (after imports {result['rss_after_imports_bytes'] / 1e9:.2f} GB); "
           f"page cache dropped: {cold}")
-    print(f"disk alone: write {disk['write_gb_per_s']:.2f} GB/s, read {disk['read_gb_per_s']:.2f} GB/s; "
-          f"mla_jax.load: {loaded['seconds']:.1f} s, peak RSS {loaded['peak_rss_kb'] / 1e6:.2f} GB")
+    print(f"disk alone: write {disk['write_gb_per_s']:.2f} GB/s, read {disk['read_gb_per_s']:.2f} GB/s; verify: "
+          f"{verify['cold']['seconds']:.1f} s cold ({verify['cold']['gb_per_s']:.2f} GB/s), {verify['warm']['seconds']:.1f} s "
+          f"warm ({verify['warm']['gb_per_s']:.2f} GB/s)")
+    if loaded:
+        print(f"mla_jax.load: {loaded[True]['seconds']:.1f} s verified, {loaded[False]['seconds']:.1f} s not; "
+              f"peak RSS {loaded[True]['peak_rss_kb'] / 1e6:.2f} GB")
+    if baseline_runs:
+        print(f"baseline {args.baseline_root}: median {result['baseline']['seconds_median']:.1f} s = "
+              f"{result['baseline']['gb_per_s_median']:.2f} GB/s")
     print(f"wrote {path}")
     return 0
 

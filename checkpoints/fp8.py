@@ -6,8 +6,8 @@ every scale a power of two, possibly stored as float8_e8m0fnu). DeepSeek's refer
 (`inference/kernel.py` weight_dequant, used by `fp8_cast_bf16.py`) computes, per block,
 `float32(W) * scale` and rounds once to bfloat16; `dequantize` does exactly that, so the result is
 bit-identical to theirs. For float32 output the float32 product is kept as it is: rounding it
-through bfloat16 would throw away 16 bits the checkpoint holds (on a small V3-layout model that
-moved the logits by 17% and flipped router choices). Which tensors are quantized is decided by the presence of `<name>_scale_inv`
+through bfloat16 would throw away 16 bits the checkpoint holds (issue 9 found the logits of a small
+V3-layout MoE model moved by 17% that way, router choices flipped). Which tensors are quantized is decided by the presence of `<name>_scale_inv`
 and checked against each weight's dtype and `config.json`'s `quantization_config`.
 """
 
