@@ -160,10 +160,15 @@ class Config:
                     raw = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, found {_json_type(raw)}")
         try:
             return cls(**_fields_from_hf(raw))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as e:
+            # A value of a kind no check above foresaw: still the config's fault, said as such.
+            raise ConfigError(f"{source}: a field has a value of the wrong kind ({type(e).__name__}: {e})") from e
 
     @classmethod
     def preset(cls, name: str) -> "Config":
@@ -256,7 +261,7 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
             out[k] = raw[k]
         elif k in defaults:
             out[k] = defaults[k]
-        elif k in raw:  # explicit null
+        elif k in raw and k not in _BOOL_FIELDS:  # explicit null (a boolean's null: its default)
             out[k] = None
     # explicit nulls that mean "absent" for these
     if "q_lora_rank" in raw:
@@ -277,17 +282,23 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _rope_from_hf(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
     """Legacy (`rope_theta` + `rope_scaling`) and transformers-5 (`rope_parameters`) forms."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{key}={raw[key]!r}; expected a JSON object such as {{\"rope_type\": \"yarn\", "
+                              f"\"factor\": 40, ...}} or null, found {_json_type(raw[key])}")
     params = raw.get("rope_parameters")
     if params and any(isinstance(v, dict) for v in params.values()):
         raise ConfigError("per-layer-type rope_parameters are not supported")
     scaling = dict(raw.get("rope_scaling") or {})
     merged: dict[str, Any] = {**scaling, **(params or {})}
     theta = merged.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0
+    if not _is_real(theta) or not 0 < theta < math.inf:
+        raise ConfigError(f"rope_theta={theta!r}; expected a positive number, found {_json_type(theta)}")
     rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
     if merged.pop("partial_rotary_factor", 1.0) not in (None, 1.0):
         raise ConfigError("rope partial_rotary_factor != 1.0 is not supported")
-    if rope_type not in ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         raise ConfigError(f"rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
     known = {f.name for f in dataclasses.fields(RopeScaling)} - {"type"}
     unknown = sorted(set(merged) - known)
@@ -301,6 +312,16 @@ def _rope_from_hf(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         if rope_type != "yarn" or not orig:
             raise ConfigError(f"rope_scaling of type {rope_type!r} needs a 'factor'")
         factor = raw["max_position_embeddings"] / orig
+    for key in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+        if merged.get(key) is not None and not _is_real(merged[key]):
+            raise ConfigError(f"rope_scaling.{key}={merged[key]!r}; expected a number, found {_json_type(merged[key])}")
+    if not _is_real(factor):
+        raise ConfigError(f"rope_scaling.factor={factor!r}; expected a number")
+    if orig is not None and (not _is_int(orig) or orig <= 0):
+        raise ConfigError(f"original_max_position_embeddings={orig!r}; expected a positive integer")
+    if merged.get("truncate") is not None and not isinstance(merged["truncate"], bool):
+        raise ConfigError(f"rope_scaling.truncate={merged['truncate']!r}; expected a JSON boolean, "
+                          f"found {_json_type(merged['truncate'])}")
     rs = RopeScaling(
         type=rope_type,
         factor=float(factor),
@@ -310,25 +331,80 @@ def _rope_from_hf(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         mscale=None if merged.get("mscale") is None else float(merged["mscale"]),
         mscale_all_dim=None if merged.get("mscale_all_dim") is None else float(merged["mscale_all_dim"]),
         attention_factor=None if merged.get("attention_factor") is None else float(merged["attention_factor"]),
-        truncate=bool(merged.get("truncate", True)),
+        truncate=True if merged.get("truncate") is None else merged["truncate"],
     )
     return float(theta), rs
+
+
+_BOOL_FIELDS = ("norm_topk_prob", "rope_interleave", "attention_bias", "mlp_bias", "tie_word_embeddings")
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_intermediate_size",
+                  "moe_layer_freq", "n_group", "topk_group", "max_position_embeddings")
+_NON_NEGATIVE_INTS = ("n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "num_nextn_predict_layers")
+_POSITIVE_REALS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _json_type(v) -> str:
+    """What a JSON value is, in JSON's words ("a string", "a boolean", ...)."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "a list"), (tuple, "a list"), (dict, "an object")):
+        if isinstance(v, kind):
+            return name
+    return "null" if v is None else type(v).__name__
+
+
+def _check_types(c: Config) -> None:
+    """JSON types, before any arithmetic: "false" is a string (truthy in Python), true is not a count."""
+    for name in _BOOL_FIELDS:
+        v = getattr(c, name)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{name}={v!r}; expected a JSON boolean (true or false), found {_json_type(v)}")
+    for name in _POSITIVE_INTS:
+        v = getattr(c, name)
+        if not _is_int(v) or v <= 0:
+            raise ConfigError(f"{name}={v!r}; expected a positive integer, found {_json_type(v)}")
+    for name in _NON_NEGATIVE_INTS:
+        v = getattr(c, name)
+        if not _is_int(v) or v < 0:
+            raise ConfigError(f"{name}={v!r}; expected an integer >= 0, found {_json_type(v)}")
+    for name in ("q_lora_rank", "n_routed_experts"):
+        v = getattr(c, name)
+        if v is not None and (not _is_int(v) or v <= 0):
+            raise ConfigError(f"{name}={v!r}; expected a positive integer or null, found {_json_type(v)}")
+    for name in _POSITIVE_REALS:
+        v = getattr(c, name)
+        if not _is_real(v) or not 0 < v < math.inf:
+            raise ConfigError(f"{name}={v!r}; expected a finite number > 0, found {_json_type(v)}")
+    for name in ("model_type", "topk_method", "scoring_func"):
+        v = getattr(c, name)
+        if not isinstance(v, str):
+            raise ConfigError(f"{name}={v!r}; expected a string, found {_json_type(v)}")
+    for name in ("bos_token_id", "pad_token_id"):
+        v = getattr(c, name)
+        if v is not None and (not _is_int(v) or v < 0):
+            raise ConfigError(f"{name}={v!r}; expected a token id (an integer >= 0) or null, found {_json_type(v)}")
+    eos = c.eos_token_id
+    if eos is not None and not all(_is_int(t) and t >= 0 for t in (eos if isinstance(eos, tuple) else (eos,))):
+        raise ConfigError(f"eos_token_id={eos!r}; expected a token id, a list of them, or null")
+    if not isinstance(c.rope_scaling, RopeScaling):
+        raise ConfigError(f"rope_scaling={c.rope_scaling!r}; expected a RopeScaling")
 
 
 def _validate(c: Config) -> None:
     def bad(msg: str):
         raise ConfigError(msg)
 
+    _check_types(c)
     if c.model_type not in MODEL_TYPES:
         bad(f"model_type={c.model_type!r}; expected one of {MODEL_TYPES}")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                 "v_head_dim", "moe_layer_freq", "n_group", "topk_group"):
-        v = getattr(c, name)
-        if not isinstance(v, int) or v <= 0:
-            bad(f"{name}={v!r}; expected a positive integer")
-    if c.q_lora_rank is not None and (not isinstance(c.q_lora_rank, int) or c.q_lora_rank <= 0):
-        bad(f"q_lora_rank={c.q_lora_rank!r}; expected a positive integer or null (direct q_proj)")
     if c.qk_rope_head_dim % 2:
         bad(f"qk_rope_head_dim={c.qk_rope_head_dim} must be even (rotary pairs)")
     if c.topk_method not in TOPK_METHODS:

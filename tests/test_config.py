@@ -126,3 +126,58 @@ def test_jit_static_config():
     c = Config.preset("deepseek-v2-lite")
     f = jax.jit(lambda x, c: x * c.softmax_scale, static_argnums=1)
     assert float(f(jnp.float32(1.0), c)) == pytest.approx(c.softmax_scale)
+
+
+# What a hand-edited or third-party config.json gets wrong: JSON types. Each is refused with the
+# field's name, what was expected and what was found (and, from a file, the file's path).
+WRONG_TYPES = {
+    "string boolean": ({"norm_topk_prob": "false"},
+                       "norm_topk_prob='false'; expected a JSON boolean (true or false), found a string"),
+    "string tie_word_embeddings": ({"tie_word_embeddings": "false"},
+                                   "tie_word_embeddings='false'; expected a JSON boolean (true or false), found a string"),
+    "boolean count": ({"vocab_size": True}, "vocab_size=True; expected a positive integer, found a boolean"),
+    "float count": ({"num_hidden_layers": 2.5}, "num_hidden_layers=2.5; expected a positive integer, found a number"),
+    "negative eps": ({"rms_norm_eps": -1}, "rms_norm_eps=-1; expected a finite number > 0, found an integer"),
+    "string eps": ({"rms_norm_eps": "1e-6"}, "rms_norm_eps='1e-6'; expected a finite number > 0, found a string"),
+    "rope_scaling as a string": ({"rope_scaling": "yarn"}, "rope_scaling='yarn'; expected a JSON object"),
+    "rope_parameters as a string": ({"rope_parameters": "yarn"}, "rope_parameters='yarn'; expected a JSON object"),
+    "string rope factor": ({"rope_scaling": {"type": "yarn", "factor": "40"}},
+                           "rope_scaling.factor='40'; expected a number, found a string"),
+    "string token id": ({"eos_token_id": "1"}, "eos_token_id='1'; expected a token id"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_TYPES))
+def test_wrong_json_types_are_config_errors_naming_field_and_file(tmp_path, case):
+    changes, message = WRONG_TYPES[case]
+    (tmp_path / "config.json").write_text(json.dumps(_v3(**changes)))
+    with pytest.raises(ConfigError) as e:
+        Config.from_hf(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}: {message}")
+
+
+def test_a_config_json_that_is_not_an_object_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config.json: expected a JSON object, found a list"):
+        Config.from_hf(tmp_path)
+
+
+def test_null_means_absent_as_hub_configs_write_it():
+    # V2-Lite writes q_lora_rank: null and leaves n_group / topk_group null; booleans may be null too.
+    c = Config.from_hf(_v3(q_lora_rank=None, n_group=None, topk_group=None, norm_topk_prob=None,
+                           attention_bias=None, topk_method="greedy"))
+    assert (c.q_lora_rank, c.n_group, c.topk_group, c.norm_topk_prob, c.attention_bias) == (None, 1, 1, True, False)
+
+
+def test_every_shipped_config_still_loads():
+    import glob
+    import os
+
+    from checkpoints.make_tiny import SHIPPED
+    from hf_models import TINY_CONFIGS, _BASE
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__import__("mla_jax").__file__), "presets", "*.json")))
+    loaded = [Config.from_hf(p) for p in [*paths, SHIPPED]]
+    dicts = [{"model_type": t, **_BASE, **o} for t, o in TINY_CONFIGS.values()]
+    loaded += [Config.from_hf(d) for d in dicts]
+    assert len(loaded) == len(paths) + 1 + len(TINY_CONFIGS) and len(paths) == 3
