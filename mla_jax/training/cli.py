@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+
+from mla_jax.errors import UsageError
 
 # option -> TrainConfig field; their defaults are None so that "not given" is visible.
 _TRAIN_OPTIONS = {
@@ -51,6 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="run directory (required unless --demo)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STEP",
                    help="continue the run in --out from its latest checkpoint (or from STEP)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (only a run: anything else there is refused)")
     p.add_argument("--stop-after", type=int, default=None, metavar="K",
                    help="stop after step K with a checkpoint, as an interruption would")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
@@ -74,14 +79,19 @@ def _given(args) -> dict:
     return given
 
 
+def _fields() -> set[str]:
+    from mla_jax.training.config import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
 def _train_config(args, stored: dict | None):
     from mla_jax.training.config import TrainConfig
 
     given = _given(args)
     if stored is None:
         return TrainConfig(**given)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**{k: v for k, v in stored.items() if k in fields}, **given})
+    return TrainConfig(**{**{k: v for k, v in stored.items() if k in _fields()}, **given})
 
 
 def _resume(value: str | None) -> bool | int:
@@ -90,45 +100,43 @@ def _resume(value: str | None) -> bool | int:
     if value == "latest":
         return True
     if not value.isdigit():
-        raise SystemExit(f"mla-jax finetune: --resume {value!r}; expected a step number or nothing (latest)")
+        raise UsageError(f"--resume {value}: expected a step number, or nothing for the latest checkpoint")
     return int(value)
 
 
 def run(args) -> int:
-    from mla_jax.config import ConfigError
-    from mla_jax.store import CheckpointError
-    from mla_jax.training.data import DataError
-    from mla_jax.training.loop import RunError
-
-    # What a user can fix (bad data, a mismatched run directory, a missing checkpoint, a bad option)
-    # ends with its message, not a traceback.
-    try:
-        return _run(args)
-    except (ConfigError, CheckpointError, DataError, RunError, FileNotFoundError) as e:
-        raise SystemExit(f"mla-jax finetune: {e}") from None
-
-
-def _run(args) -> int:
+    """The command; its errors end at the CLI's one boundary (`mla_jax.cli`)."""
     resume = _resume(args.resume)
     if resume is not False and not args.out:
-        raise SystemExit("mla-jax finetune: --resume needs --out (the run directory)")
+        raise UsageError("--resume needs --out (the run directory)")
+    if resume is not False and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.demo:
         if args.ckpt or args.data:
-            raise SystemExit("mla-jax finetune --demo: trains the shipped tiny checkpoint on the bundled text; "
-                             "drop --ckpt and --data")
+            raise UsageError("--demo trains the shipped tiny checkpoint on the bundled text; drop --ckpt and --data")
+        tc_check = _checked_options(args)  # before the model is loaded
         # The shipped checkpoint is in the hub layout: only `checkpoints` reads it (no torch needed).
         from checkpoints.demo import load_tiny
         from mla_jax.training.demo import run_demo, tiny_checkpoint_dir
+        from mla_jax.training.loop import check_out
 
         tiny = tiny_checkpoint_dir()
+        if args.out:
+            check_out(os.path.abspath(args.out), resume=resume, overwrite=args.overwrite,
+                      sources={"base checkpoint": tiny})
+        if resume is not False:  # the run's own settings, as for any run (the demo's defaults may differ)
+            with open(os.path.join(args.out, "run.json")) as f:
+                stored = json.load(f).get("train_config", {})
+            tc_check = {**{k: v for k, v in stored.items() if k in _fields()}, **tc_check}
         _, model = load_tiny(tiny)
-        summary = run_demo(model, tiny, args.out, overrides=_given(args), resume=resume, progress=not args.no_progress)
+        summary = run_demo(model, tiny, args.out, overrides=tc_check, resume=resume, overwrite=args.overwrite,
+                           progress=not args.no_progress)
         return 130 if summary["stopped"] else 0
     stored = None
     if resume is not False:
         run_file = os.path.join(args.out, "run.json")
-        if not os.path.exists(run_file):
-            raise SystemExit(f"mla-jax finetune: {run_file} not found; {args.out} is not a fine-tuning run")
+        if not os.path.isfile(run_file):
+            raise UsageError(f"--out {args.out}: not a fine-tuning run ({run_file} not found); nothing to resume")
         with open(run_file) as f:
             stored = json.load(f)
         args.ckpt = args.ckpt or stored.get("base")
@@ -136,18 +144,36 @@ def _run(args) -> int:
     missing = [f"--{k}" for k in ("ckpt", "data", "out", "steps")
                if getattr(args, k) is None and not (k == "steps" and stored is not None)]
     if missing:
-        raise SystemExit(f"mla-jax finetune: {', '.join(missing)} required (or --demo, or --resume with --out)")
-    try:
-        tc = _train_config(args, None if stored is None else stored.get("train_config"))
-    except ValueError as e:  # TrainConfig names the option and what it expects
-        raise SystemExit(f"mla-jax finetune: {e}") from None
+        raise UsageError(f"{', '.join(missing)} required (or --demo, or --resume with --out)")
+    _checked_options(args)
+    tc = _options_as_errors(lambda: _train_config(args, None if stored is None else stored.get("train_config")))
 
-    from mla_jax.training import model_io
-    from mla_jax.training.data import load_tokenizer
     from mla_jax.training.loop import finetune
 
-    ckpt = os.path.abspath(args.ckpt)
-    model = model_io.load_base(ckpt, tc.param_dtype)
-    summary = finetune(model, args.data, args.out, tc, tokenizer=load_tokenizer(ckpt), tokenizer_from=ckpt,
-                       base=ckpt, resume=resume, stop_after=args.stop_after, progress=not args.no_progress)
+    # finetune checks --out before it loads the checkpoint, and reads the tokenizer from there.
+    summary = finetune(args.ckpt, args.data, args.out, tc, resume=resume, overwrite=args.overwrite,
+                       stop_after=args.stop_after, progress=not args.no_progress)
     return 130 if summary["stopped"] else 0
+
+
+def _checked_options(args) -> dict:
+    """The options given, each checked alone (as TrainConfig would) before anything is loaded."""
+    from mla_jax.training.config import TrainConfig
+
+    given = _given(args)
+    _options_as_errors(lambda: TrainConfig(**given))
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UsageError(f"--stop-after {args.stop_after}: expected a step >= 1")
+    return given
+
+
+def _options_as_errors(build):
+    """`build()`, with TrainConfig's "lr=nan; expected ..." said as "--lr nan: expected ..."."""
+    try:
+        return build()
+    except UsageError as e:
+        m = re.match(r"(\w+)=(\S+?); (.*)$", str(e))
+        if m and m.group(1) in _TRAIN_OPTIONS or m and m.group(1) == "param_dtype":
+            name = "dtype" if m.group(1) == "param_dtype" else m.group(1)
+            raise UsageError(f"--{name.replace('_', '-')} {m.group(2).strip(chr(39))}: {m.group(3)}") from None
+        raise

@@ -11,15 +11,25 @@ turns them into numbers from the model config, so the stored run records what ac
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from mla_jax.config import Config
+from mla_jax.errors import UsageError
 
 DTYPES = ("float32", "bfloat16")
 
 
 class RunError(ValueError):
     """An output directory or a resume request that does not fit the run asked for."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,24 +64,31 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        positive = ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "keep", "log_every")
-        for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name}={v!r}; expected a positive integer")
+        def bad(name: str, expected: str):
+            raise UsageError(f"{name}={getattr(self, name)!r}; expected {expected}")
+
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "keep", "log_every"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "a positive integer")
         if self.seq_len < 2:
-            raise ValueError(f"TrainConfig.seq_len={self.seq_len}; expected at least 2 (input and target)")
-        if self.warmup_steps < 0 or self.lora_rank < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps}, lora_rank={self.lora_rank}; expected >= 0")
-        if self.lr <= 0 or self.clip_norm <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"lr={self.lr}, clip_norm={self.clip_norm} must be > 0 and "
-                             f"min_lr_ratio={self.min_lr_ratio} in [0, 1]")
-        if self.param_dtype not in DTYPES:
-            raise ValueError(f"TrainConfig.param_dtype={self.param_dtype!r}; expected one of {DTYPES}")
+            bad("seq_len", "at least 2 (input and target)")
+        for name in ("warmup_steps", "lora_rank", "seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "an integer >= 0")
+        for name in ("lr", "clip_norm", "eps", "lora_alpha"):
+            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
+                bad(name, "a finite number > 0")
+        for name in ("min_lr_ratio", "b1", "b2"):
+            if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
+                bad(name, "a number in [0, 1]")
         for name in ("bias_update_speed", "seq_aux_alpha", "expert_aux_alpha", "weight_decay"):
             v = getattr(self, name)
-            if v is not None and v < 0:
-                raise ValueError(f"TrainConfig.{name}={v}; expected >= 0")
+            if v is not None and (not _finite(v) or v < 0):
+                bad(name, "a finite number >= 0")
+        if self.param_dtype not in DTYPES:
+            bad("param_dtype", f"one of {DTYPES}")
+        if not isinstance(self.shuffle, bool):
+            bad("shuffle", "true or false")
 
     def resolve(self, config: Config) -> "TrainConfig":
         """The balancing defaults filled in for `config` (see the module docstring)."""

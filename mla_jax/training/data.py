@@ -80,8 +80,9 @@ class _Encoder:
 
     def encode(self, text: str, where: str) -> list[int]:
         if self.tokenizer is None:
-            raise DataError(f"{where}: text needs a tokenizer, but the checkpoint has no tokenizer.json "
-                            "(give pre-tokenized {\"input_ids\": [...]} lines instead)")
+            raise DataError(f"{where}: text needs a tokenizer, and none was found (no tokenizer.json in the "
+                            "checkpoint, or a model passed to finetune() without tokenizer_from=); give "
+                            "pre-tokenized {\"input_ids\": [...]} lines instead")
         # Whole, never in pieces: a split point can change the tokens around it (e.g. "\n\n" is one token).
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -114,25 +115,38 @@ def read_documents(path: str | os.PathLike, *, tokenizer, vocab_size: int, bos_t
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
     enc = _Encoder(tokenizer, _special(bos_token_id), _special(eos_token_id), vocab_size)
+    content = _read_text(path)
     if not path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if not text.strip():
+        if not content.strip():
             raise DataError(f"{path}: the text file is empty")
-        return [enc.document([], enc.encode(text, path), path)]
+        return [enc.document([], enc.encode(content, path), path)]
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}): {line.strip()[:60]!r}") from None
-            docs.append(_json_document(obj, enc, f"{path}:{n}"))
+    for n, line in enumerate(content.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}): {line.strip()[:60]!r}") from None
+        docs.append(_json_document(obj, enc, f"{path}:{n}"))
     if not docs:
         raise DataError(f"{path}: no documents (every line is empty)")
     return docs
+
+
+def _read_text(path: str) -> str:
+    """The file as UTF-8 text; a binary file (undecodable, or holding NUL bytes) is a DataError."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); expected JSONL or "
+                        "plain text") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: a binary file (NUL byte at offset {text.index(chr(0))}); expected JSONL or plain "
+                        "text")
+    return text
 
 
 def _json_document(obj, enc: _Encoder, where: str) -> Document:

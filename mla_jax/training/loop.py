@@ -9,13 +9,19 @@ OUT/
   model/          the fine-tuned model, in `mla-jax convert`'s layout (written when the run ends)
   loss.png        the loss curve (and expert-load imbalance), beside model/
 
-Ctrl-C stops after the step in flight and saves it. A resumed run restores the state saved at step k, cuts metrics.jsonl back to steps <= k, and then
-computes exactly what the uninterrupted run computed: the batches are a function of the step, and
-the step function is the same compiled program over the same state.
+OUT is new or empty for a fresh run, or an earlier run (it has run.json): `resume` continues it,
+`overwrite` replaces it (its own files only). Anything else there is refused, never replaced.
+
+Ctrl-C stops after the step in flight and saves it; a second Ctrl-C (or SIGTERM) stops at once, and
+the run resumes from its last checkpoint. A non-finite loss stops the run and drops the checkpoints
+that hold the diverged state. A resumed run restores the state saved at step k, cuts metrics.jsonl
+back to steps <= k, and then computes exactly what the uninterrupted run computed: the batches are a
+function of the step, and the step function is the same compiled program over the same state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,12 +34,12 @@ import time
 import jax
 from tqdm.auto import tqdm
 
-from mla_jax.errors import raise_interrupt
+from mla_jax.errors import Terminated, raise_interrupt
 from mla_jax.model import Transformer
 from mla_jax.training import model_io
 from mla_jax.training.checkpointing import RunCheckpoints
 from mla_jax.training.config import RunError, TrainConfig
-from mla_jax.training.data import Batches, pack, read_documents
+from mla_jax.training.data import Batches, load_tokenizer, pack, read_documents
 from mla_jax.training.plot import plot_metrics
 from mla_jax.training.step import Trainer
 
@@ -76,21 +82,85 @@ def _finite(x: float) -> float | None:
 
 
 def _check_same_run(out: str, stored: dict, current: dict) -> None:
+    # Settings first: a changed seq_len also repacks the data, and the setting is the cause to name.
     where = os.path.join(out, RUN_FILE)
-    if stored.get("data_fingerprint") != current["data_fingerprint"]:
-        raise RunError(f"{where}: the run trained on data with fingerprint {stored.get('data_fingerprint')} "
-                       f"({stored.get('data')}); --data {current['data']} packs to {current['data_fingerprint']}")
-    if stored.get("model_config") != current["model_config"]:
-        raise RunError(f"{where}: the run trained a model with another config.json than {current['base'] or 'the one given'}")
     old, new = stored.get("train_config", {}), current["train_config"]
     diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if diff:
         listed = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise RunError(f"{where}: resuming with a different train config changes the run ({listed})")
+    if stored.get("model_config") != current["model_config"]:
+        raise RunError(f"{where}: the run trained a model with another config.json than {current['base'] or 'the one given'}")
+    if stored.get("data_fingerprint") != current["data_fingerprint"]:
+        raise RunError(f"{where}: the run trained on data with fingerprint {stored.get('data_fingerprint')} "
+                       f"({stored.get('data')}); --data {current['data']} packs to {current['data_fingerprint']}")
+
+
+def is_run(path: str) -> bool:
+    """Whether `path` is a fine-tuning run directory (it has run.json)."""
+    return os.path.isfile(os.path.join(path, RUN_FILE))
+
+
+def _relation(a: str, b: str) -> str | None:
+    """How directory path `a` relates to path `b`: "is", "lies inside", "contains" or None."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    if a == b:
+        return "is"
+    if a.startswith(b.rstrip(os.sep) + os.sep):
+        return "lies inside"
+    if b.startswith(a.rstrip(os.sep) + os.sep):
+        return "contains"
+    return None
+
+
+def check_out(out: str, *, resume: bool | int, overwrite: bool, sources: dict[str, str | None]) -> None:
+    """What may become the run directory `out`, checked before any work (see the module docstring).
+
+    New or empty: a fresh run. A run (run.json): continued with `resume`, replaced with `overwrite`
+    (only its own files). Anything else (a file, a directory with other things in it) is refused, and
+    so is a run directory that is, holds or lies inside a `sources` path (the base checkpoint).
+    """
+    if resume is not False and overwrite:
+        raise RunError("resume and overwrite exclude each other: continue the run, or replace it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"{out}: a file, not a directory; the run needs a new or empty directory (or an earlier run "
+                       "to resume)")
+    for what, path in sources.items():
+        how = path and _relation(out, path)
+        if how:
+            raise RunError(f"{out}: the run directory {how} the {what} {path}; choose another output directory")
+    if resume is not False:
+        if not is_run(out):
+            raise RunError(f"{os.path.join(out, RUN_FILE)}: missing; {out} is not a fine-tuning run to resume")
+        return
+    if is_run(out):
+        if not overwrite:
+            raise RunError(f"{out} already holds a fine-tuning run; resume continues it, overwrite starts it "
+                           "again (replacing it), or choose another output directory")
+        return
+    if os.path.isdir(out) and os.listdir(out):
+        raise RunError(f"{out}: exists, is not empty and is not a fine-tuning run (no {RUN_FILE}); choose a new or "
+                       f"empty output directory (overwrite replaces only a run)")
+
+
+def _clear_run(out: str) -> None:
+    """Removes a run's own files from `out` (what `overwrite` replaces); anything else stays."""
+    import shutil
+
+    for name in (RUN_FILE, METRICS_FILE, PLOT_FILE, CKPT_DIR, MODEL_DIR):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def _path(p) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(p)))
 
 
 def finetune(
-    model: Transformer,
+    model: Transformer | str | os.PathLike,
     data: str | os.PathLike,
     out: str | os.PathLike,
     tc: TrainConfig,
@@ -99,6 +169,7 @@ def finetune(
     tokenizer_from: str | os.PathLike | None = None,
     base: str = "",
     resume: bool | int = False,
+    overwrite: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
     save_model: bool = True,
@@ -106,12 +177,29 @@ def finetune(
 ) -> dict:
     """Fine-tunes `model` on the file `data`, writing everything under `out` (see the module docstring).
 
-    `resume`: True continues from the latest checkpoint in `out`, an int from that step. `stop_after`
+    `model`: a Transformer, or the path of an mla-jax checkpoint (loaded in `tc.param_dtype`; its
+    tokenizer files then tokenize text data and go along with the result). With a Transformer, text
+    data needs `tokenizer` (a `tokenizers.Tokenizer`) or `tokenizer_from` (a directory with
+    tokenizer.json). `resume`: True continues from the latest checkpoint in `out`, an int from that
+    step; `overwrite` replaces a run already in `out` (nothing else is ever replaced). `stop_after`
     ends the process of training after that step with a checkpoint, as an interruption would (the
     schedule still runs to `tc.steps`). Returns {"out", "steps_done", "stopped", "records" (the
     metrics), and when the run reached `tc.steps`: "model" (its path), "plot" (the PNG or None)}.
     """
-    out = os.path.abspath(os.fspath(out))
+    out, data = _path(out), _path(data)
+    if isinstance(model, (str, os.PathLike)):
+        path = _path(model)
+        base, tokenizer_from = base or path, tokenizer_from if tokenizer_from is not None else path
+    else:
+        path = None
+    if tokenizer_from is not None:
+        tokenizer_from = _path(tokenizer_from)
+    check_out(out, resume=resume, overwrite=overwrite, sources={"base checkpoint": path or base or None,
+                                                                 "tokenizer directory": tokenizer_from})
+    if path is not None:
+        model = model_io.load_base(path, tc.param_dtype)
+    if tokenizer is None and tokenizer_from is not None:
+        tokenizer = load_tokenizer(tokenizer_from)
     trainer = Trainer(model, tc)
     tc = trainer.tc
     c = model.config
@@ -121,7 +209,11 @@ def finetune(
     batches = Batches(packed, tc.batch_size, tc.grad_accum, seed=tc.seed, shuffle=tc.shuffle)
     run = {"train_config": tc.to_dict(), "data": os.path.abspath(os.fspath(data)),
            "data_fingerprint": packed.fingerprint(), "base": base, "model_config": c.to_hf()}
-    os.makedirs(out, exist_ok=True)  # only once the model and the data are known to be good
+    # Only once the model and the data are known to be good.
+    if overwrite and resume is False and is_run(out):
+        _clear_run(out)
+        log(f"replacing the run in {out}")
+    os.makedirs(out, exist_ok=True)
     ckpts = RunCheckpoints(os.path.join(out, CKPT_DIR), tc.keep)
     metrics_path = os.path.join(out, METRICS_FILE)
     run_path = os.path.join(out, RUN_FILE)
@@ -129,9 +221,8 @@ def finetune(
         if resume is not False:
             step = ckpts.latest_step() if resume is True else int(resume)
             if step is None:
-                raise RunError(f"{out}: --resume, but {CKPT_DIR}/ holds no checkpoint")
-            if not os.path.exists(run_path):
-                raise RunError(f"{run_path}: missing; {out} is not a fine-tuning run")
+                raise RunError(f"{out}: nothing to resume, {CKPT_DIR}/ holds no checkpoint; start the run again "
+                               "with overwrite (--overwrite)")
             with open(run_path) as f:
                 _check_same_run(out, json.load(f), run)
             state, meta = ckpts.restore(step, trainer.abstract_state())
@@ -143,9 +234,6 @@ def finetune(
             _rewrite_metrics(metrics_path, records)
             log(f"resuming {out} from step {step}")
         else:
-            if ckpts.steps() or os.path.exists(run_path):
-                raise RunError(f"{out} already holds a fine-tuning run; pass --resume to continue it, "
-                               "or choose another --out")
             state, records = trainer.init_state(), []
             write_json_atomic(run_path, run)
             _rewrite_metrics(metrics_path, records)
@@ -155,7 +243,14 @@ def finetune(
             raise RunError(f"{out}: already at step {start}; --stop-after {stop_after} is not ahead of it")
         log(f"{packed.rows} rows of {tc.seq_len} tokens ({int(packed.loss_mask.sum())} targets); "
             f"{tc.batch_size}x{tc.grad_accum} rows per step; steps {start + 1}..{end} of {tc.steps}")
-        state, done, stopped = _train(trainer, state, batches, records, metrics_path, ckpts, start, end, progress, log)
+        try:
+            state, done, stopped = _train(trainer, state, batches, records, metrics_path, ckpts, start, end,
+                                          progress, log)
+        except KeyboardInterrupt as e:  # a second Ctrl-C, or SIGTERM: say where the run can go on from
+            last = ckpts.latest_step()
+            where = (f"{out} resumes from step {last}, its last checkpoint, with --resume" if last else
+                     f"{out} has no checkpoint yet; start it again with --overwrite")
+            raise type(e)(where) from None
         summary = {"out": out, "steps_done": done, "stopped": stopped, "records": records}
         if done == tc.steps:
             if save_model:
@@ -175,27 +270,43 @@ def _meta(trainer: Trainer, batches: Batches, step: int, fingerprint: str) -> di
 
 
 class _StopRequest:
-    """Ctrl-C during training asks to stop after the current step (which then saves); a second one
-    interrupts at once. Stopping between steps matters: a step in flight owns the donated state."""
+    """Ctrl-C during training asks to stop after the current step (which then saves); a second one,
+    or SIGTERM, interrupts at once. Stopping between steps matters: a step in flight owns the donated
+    state. A checkpoint being written is finished first, so an interruption never leaves half a save."""
 
     def __init__(self, log):
-        self.log, self.requested, self._previous = log, False, None
+        self.log, self.requested, self._previous = log, False, {}
+        self._saving, self._deferred = False, None
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise_interrupt(signum, frame)
+        if signum == signal.SIGINT and not self.requested:
+            self.requested = True
+            self.log("\nstopping after this step (Ctrl-C again to stop at once, from the last checkpoint)")
             return
-        self.requested = True
-        self.log("\nstopping after this step (Ctrl-C again to abort without saving)")
+        if self._saving:
+            self._deferred = signum
+            return
+        raise_interrupt(signum, frame)
+
+    @contextlib.contextmanager
+    def saving(self):
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+        if self._deferred is not None:
+            raise Terminated() if self._deferred == signal.SIGTERM else KeyboardInterrupt()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _train(trainer, state, batches, records, metrics_path, ckpts, start, end, progress, log):
@@ -211,7 +322,7 @@ def _train(trainer, state, batches, records, metrics_path, ckpts, start, end, pr
             dt = time.perf_counter() - t0
             done = s + 1
             if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"the loss is {m['loss']} at step {done}; try a lower --lr")
+                raise _diverged(m, done, tc, ckpts)
             record = {"step": done, "loss": m["loss"], "aux_loss": m["aux_loss"], "lr": m["lr"],
                       "tokens_per_s": m["tokens"] / dt,
                       "expert_load_max_over_mean": _finite(m["expert_load_max_over_mean"]),
@@ -224,13 +335,32 @@ def _train(trainer, state, batches, records, metrics_path, ckpts, start, end, pr
             if done % tc.log_every == 0 or done == start + 1 or done == end:
                 (bar.write if progress else log)(_line(record))
             if done % tc.save_every == 0 or done == end or stop.requested:
-                ckpts.save(done, state, _meta(trainer, batches, done, fingerprint))
+                with stop.saving():
+                    ckpts.save(done, state, _meta(trainer, batches, done, fingerprint))
             if stop.requested:
                 break
     bar.close()
     if stop.requested:
         log(f"stopped at step {done} (saved); continue with --resume")
     return state, done, stop.requested
+
+
+def _diverged(m: dict, step: int, tc: TrainConfig, ckpts: RunCheckpoints) -> RunError:
+    """The error for a non-finite loss at `step`, after dropping the checkpoints it makes suspect.
+
+    The loss of step s comes from the state saved at step s-1, so that state (and anything later)
+    is what diverged; the last good checkpoint is at step s-2 or before.
+    """
+    good = [s for s in ckpts.steps() if s <= step - 2]
+    ckpts.discard_after(good[-1] if good else 0)
+    out = os.path.dirname(ckpts.directory)
+    head = (f"{out}: the loss is {m['loss']} at step {step} (learning rate {m['lr']:.3g}): training diverged, "
+            f"most likely because lr={tc.lr:g} is too high; ")
+    restart = "start again with a lower lr and overwrite (--lr ... --overwrite)"
+    if good:
+        return RunError(head + f"resume (--resume) continues from step {good[-1]}, the last good checkpoint, "
+                               f"or {restart}")
+    return RunError(head + f"no checkpoint was saved before it: {restart}")
 
 
 def _line(r: dict) -> str:

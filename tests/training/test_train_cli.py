@@ -11,7 +11,7 @@ from mla_jax.weights import load, save
 from mla_jax.model import Transformer
 from mla_jax.training import cli
 from mla_jax.training.demo import CORPUS, tiny_checkpoint_dir
-from mla_jax.training.loop import read_metrics
+from mla_jax.training.loop import RunError, read_metrics
 from train_helpers import TINY_V3
 
 
@@ -87,7 +87,7 @@ def test_cli_result_loads_by_a_relative_path(cli_run, monkeypatch):
 
 def test_cli_resume_with_another_value_is_refused(cli_run):
     out, *_ = cli_run
-    with pytest.raises(SystemExit, match="lr: run has 0.0001, now 0.5"):
+    with pytest.raises(RunError, match="lr: run has 0.0001, now 0.5"):
         _run(["--out", str(out), "--resume", "--lr", "0.5"])
 
 

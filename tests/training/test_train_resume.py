@@ -74,7 +74,7 @@ def test_result_loads_with_the_trained_weights(runs):
 
 def test_fresh_run_into_an_existing_run_is_refused(runs):
     root, data, model, *_ = runs
-    with pytest.raises(RunError, match="already holds a fine-tuning run; pass --resume"):
+    with pytest.raises(RunError, match="already holds a fine-tuning run; resume continues it, overwrite starts it again"):
         finetune(model, data, root / "whole", TC, progress=False, log=lambda *_: None)
 
 
