@@ -122,3 +122,21 @@ def test_a_signal_that_lands_in_a_gc_callback_is_not_lost():
             gc.callbacks.remove(callback)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------- generate's options
+@pytest.mark.parametrize("option, message", [
+    (["--page-size", "0"], "--page-size 0: expected an integer >= 1 (tokens per cache page)"),
+    (["--temperature", "nan"], "--temperature nan: expected a finite number >= 0 (0 = greedy)"),
+    (["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0 (0 = greedy)"),
+    (["--top-p", "0"], "--top-p 0.0: expected a number in (0, 1] or None"),
+    (["--top-p", "nan"], "--top-p nan: expected a number in (0, 1] or None"),
+    (["--top-k", "-1"], "--top-k -1: expected an integer >= 0 (0 or None = no cut) or None"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens -3: expected an integer >= 0"),
+    (["--implementation", "mosaic_gpu"], "--implementation mosaic_gpu needs an sm90+ (Hopper or newer) CUDA GPU; "
+                                         "this process runs on the CPU; use 'xla' or leave it unset"),
+])
+def test_generate_options_are_checked_before_anything_is_printed(capsys, option, message):
+    code = cli.main(["generate", "--ckpt", SHIPPED, "--prompt", "Four score", *option])
+    captured = capsys.readouterr()
+    assert (code, captured.out, captured.err) == (1, "", f"mla-jax generate: error: {message}\n")

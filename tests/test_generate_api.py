@@ -108,6 +108,10 @@ BAD_CALLS = {
     "negative temperature": (dict(temperature=-0.5), ValueError, "temperature=-0.5"),
     "unknown implementation": (dict(implementation="cuda"), ValueError, "implementation='cuda'"),
     "unknown cache dtype": (dict(cache_dtype="int8"), CacheError, "cache dtype 'int8'"),
+    "float token ids": (dict(prompts=[[1.0, 2.5]]), TypeError, r"prompts\[0\]: expected a flat list of integer token ids, found float64 values such as 1.0"),
+    "text as a prompt": (dict(prompts=["hello"]), TypeError, r"prompts\[0\]: expected token ids, found text 'hello'"),
+    "nan temperature": (dict(temperature=float("nan")), ValueError, "temperature=nan; expected a finite number >= 0"),
+    "page size 0": (dict(page_size=0), ValueError, r"page_size=0; expected an integer >= 1"),
     "cache pool too small": (dict(num_pages=2, page_size=4), CacheError, r"out of cache pages: the batch needs 9 pages of 4 tokens \(\[9, 13, 6\] tokens\), 2 of 2 are free"),
 }
 

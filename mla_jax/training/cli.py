@@ -130,6 +130,7 @@ def run(args) -> int:
             tc_check = {**{k: v for k, v in stored.items() if k in _fields()}, **tc_check}
         _, model = load_tiny(tiny)
         summary = run_demo(model, tiny, args.out, overrides=tc_check, resume=resume, overwrite=args.overwrite,
+                           stop_after=args.stop_after,
                            progress=not args.no_progress)
         return 130 if summary["stopped"] else 0
     stored = None

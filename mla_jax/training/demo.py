@@ -45,7 +45,8 @@ def tiny_checkpoint_dir() -> str:
 
 
 def run_demo(model: Transformer, tiny_dir: str, out: str | None = None, *, overrides: dict | None = None,
-             resume: bool | int = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+             resume: bool | int = False, overwrite: bool = False, stop_after: int | None = None,
+             progress: bool = True, log=print) -> dict:
     """Fine-tunes `model` (the tiny checkpoint at `tiny_dir`) on the bundled text; returns the summary."""
     tc = dataclasses.replace(DEMO, **(overrides or {}))
     out = out or tempfile.mkdtemp(prefix="mla-jax-finetune-demo-")
@@ -53,7 +54,8 @@ def run_demo(model: Transformer, tiny_dir: str, out: str | None = None, *, overr
     log(f"demo: fine-tuning {tiny_dir} ({c.num_hidden_layers} layers, {c.n_routed_experts} routed experts, "
         f"top-{c.num_experts_per_tok}) on {CORPUS}; output in {out}")
     summary = finetune(model, CORPUS, out, tc, tokenizer=load_tokenizer(tiny_dir), tokenizer_from=tiny_dir,
-                       base=tiny_dir, resume=resume, overwrite=overwrite, progress=progress, log=log)
+                       base=tiny_dir, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress,
+                       log=log)
     log(story(summary["records"]))
     if summary.get("model"):
         from mla_jax.weights import load
