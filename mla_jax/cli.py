@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 
-from mla_jax.errors import Terminated, raise_interrupt
+from mla_jax.errors import Terminated, raise_interrupt, user_errors
 
 # Modules that register a sub-command, in the order `mla-jax --help` lists them. `checkpoints` sits
 # above `mla_jax` in the import graph, so its commands are imported only when the CLI starts.
@@ -121,8 +121,6 @@ def run_command(command: str, func, args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - this is the boundary
         if debug_requested(args):
             raise
-        from mla_jax.errors import user_errors
-
         _finish_stdout()
         if isinstance(e, user_errors()):
             message = one_line(str(e))

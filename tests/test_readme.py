@@ -42,7 +42,7 @@ def home(tmp_path, monkeypatch):
     os.makedirs("path/to")
     shutil.copytree(SHIPPED, "path/to/DeepSeek-V2-Lite")
     with open("train.jsonl", "w") as f:
-        for line in open(os.path.join(os.path.dirname(os.path.dirname(README)), "mla_jax", "data", "corpus.txt")):
+        for line in open(os.path.join(os.path.dirname(README), "mla_jax", "data", "corpus.txt")):
             if line.strip():
                 f.write('{"text": %s}\n' % __import__("json").dumps(line.strip()))
     return tmp_path
