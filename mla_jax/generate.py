@@ -254,7 +254,7 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
             raise UsageError(f"prompts[{i}] is empty; every prompt needs at least one token")
         if ids.ndim != 1 or ids.dtype.kind not in "iu" and not (
                 ids.dtype == object and all(_is_int(t) for t in ids.reshape(-1))):
-            what = f"shape {ids.shape}" if ids.ndim != 1 else f"{ids.dtype} values such as {ids.reshape(-1)[0]!r}"
+            what = f"shape {ids.shape}" if ids.ndim != 1 else f"{ids.dtype} values such as {ids.reshape(-1)[0].item()!r}"
             raise UsageTypeError(f"prompts[{i}]: expected a flat list of integer token ids, found {what}")
         ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < vocab_size]

@@ -1,7 +1,7 @@
 """Fine-tuning DeepSeek models with optax: exact gradients, DeepSeek's load balancing, resumable runs.
 
     from mla_jax.training import TrainConfig, finetune
-    finetune(model, "data.jsonl", "runs/a", TrainConfig(steps=1000))
+    finetune("ckpt/v2-lite", "data.jsonl", "runs/a", TrainConfig(steps=1000))  # or a loaded model
 
 Modules: `data` (read, tokenize, pack, batch), `losses` (cross-entropy), `balance` (V3 bias update,
 V3 sequence-wise and V2 expert-level balance losses), `optim` (AdamW, schedule, decay mask), `lora`,

@@ -114,6 +114,20 @@ def test_binary_data_is_one_line_naming_the_file(capsys, tmp_path, base):
                       "or plain text") and not out.exists()
 
 
+def test_python_finetune_reads_text_with_the_checkpoints_tokenizer(tmp_path, base):
+    # The README's call: a checkpoint path finds its tokenizer.json; a loaded model is told how to.
+    from mla_jax.training import TrainConfig, finetune
+    from mla_jax.training.data import DataError
+    from mla_jax.weights import load
+
+    tc = TrainConfig(steps=1, seq_len=32, batch_size=2, param_dtype="float32")
+    quiet = dict(progress=False, log=lambda *_: None, save_model=False)
+    with pytest.raises(DataError, match="text needs a tokenizer, and none was found .* without tokenizer_from="):
+        finetune(load(base, dtype="float32"), CORPUS, tmp_path / "a", tc, **quiet)
+    assert not (tmp_path / "a").exists()
+    assert finetune(base, CORPUS, tmp_path / "b", tc, **quiet)["steps_done"] == 1
+
+
 # ---------------------------------------------------------------------------- a run that went wrong
 @pytest.fixture(scope="module")
 def diverged_late(base, tmp_path_factory):
