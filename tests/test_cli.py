@@ -3,12 +3,15 @@ SIGTERM, the traceback only with MLA_JAX_DEBUG=1 or --debug."""
 
 import argparse
 import errno
+import gc
+import os
 import signal
+import time
 
 import pytest
 
 from checkpoints.make_tiny import SHIPPED
-from cli_helpers import cli_env, error_line, run_cli, run_cli_signalled
+from cli_helpers import error_line, run_cli, run_cli_signalled
 from mla_jax import cli
 from mla_jax.config import ConfigError
 from mla_jax.errors import Terminated
@@ -101,10 +104,6 @@ def test_cli_signal_during_generate_is_one_line_with_exit_130(sig, said):
 def test_a_signal_that_lands_in_a_gc_callback_is_not_lost():
     # jax registers a gc callback; an exception raised inside one is printed and dropped, so the
     # handler delivers the signal again once out of it.
-    import gc
-    import os
-    import time
-
     def callback(phase, info):
         if phase == "start":
             os.kill(os.getpid(), signal.SIGTERM)

@@ -13,7 +13,7 @@ import signal
 import pytest
 from flax import nnx
 
-from cli_helpers import cli_env, error_line, run_cli_signalled
+from cli_helpers import error_line, run_cli_signalled
 from mla_jax.cli import main
 from mla_jax.config import Config
 from mla_jax.model import Transformer
