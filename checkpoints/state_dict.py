@@ -17,16 +17,13 @@ from flax import nnx
 from checkpoints import names
 from mla_jax.config import Config
 from mla_jax.model import Transformer
-from mla_jax.weights import abstract_model
+from mla_jax.weights import Slot, abstract_model, slot
 
 
-def variable_at(model: nnx.Module, path: names.Path) -> nnx.Variable:
-    obj = model
-    for key in path:
-        obj = obj[key] if isinstance(key, int) else getattr(obj, key)
-    if not isinstance(obj, nnx.Variable):
-        raise KeyError(f"{'.'.join(map(str, path))} is not a model variable")
-    return obj
+def variable_at(model: nnx.Module, path: names.Path) -> Slot:
+    """The model's variable that a checkpoint path names: shape, dtype, get_value, set_value (one
+    layer of a stacked variable for a layer's path)."""
+    return slot(model, path)
 
 
 def _as_numpy(tensor) -> np.ndarray:

@@ -1,9 +1,11 @@
 """The paged latent KV cache: what MLA decoding stores, where, and who owns which page.
 
-Per layer, one array of pages `[num_pages, page_size, C+R]` holds, for every cached token, the
-normalised latent c_kv (C = kv_lora_rank) followed by the rotated shared rope key (R) - one row per
-token for all heads, which is MLA's whole point. Token j of sequence b lives at
-`pages[block_table[b, j // page_size], j % page_size]`; `seq_lens[b]` counts the cached tokens.
+One array of pages `[layers, num_pages, page_size, C+R]` holds, for every layer and cached token,
+the normalised latent c_kv (C = kv_lora_rank) followed by the rotated shared rope key (R) - one row
+per token for all heads, which is MLA's whole point. Token j of sequence b lives at
+`pages[layer, block_table[b, j // page_size], j % page_size]`; `seq_lens[b]` counts the cached
+tokens. The layer axis comes first so that the scanned layers carry the whole cache and each writes
+its own rows in place (`write` takes the layer index as a traced scalar).
 
 The arrays form a pytree (`PagedCache`) that jitted steps take and return with the buffers donated.
 Page ownership is host-side bookkeeping (`PageAllocator`): pages are handed out for a whole request
@@ -38,18 +40,18 @@ class CacheError(ValueError):
 
 
 class PagedCache(NamedTuple):
-    pages: tuple[jax.Array, ...]  # L x [P,S,C+R], the cache dtype
-    scales: tuple[jax.Array, ...] | None  # L x [P,S] float32 per-token scales; FP8 caches only
+    pages: jax.Array  # [L,P,S,C+R], the cache dtype
+    scales: jax.Array | None  # [L,P,S] float32 per-token scales; FP8 caches only
     block_table: jax.Array  # [B, pages per sequence] int32 page ids
     seq_lens: jax.Array  # [B] int32 tokens cached per sequence
 
     @property
     def page_size(self) -> int:
-        return self.pages[0].shape[1]
+        return self.pages.shape[2]
 
     @property
     def num_pages(self) -> int:
-        return self.pages[0].shape[0]
+        return self.pages.shape[1]
 
     @property
     def capacity(self) -> int:
@@ -83,8 +85,8 @@ def init_cache(config: Config, num_pages: int, batch: int, pages_per_seq: int, *
     dt = resolve_dtype(dtype)
     shape = (num_pages, page_size, config.latent_dim)
     layers = config.num_hidden_layers
-    pages = tuple(jnp.zeros(shape, dt) for _ in range(layers))
-    scales = tuple(jnp.zeros(shape[:2], jnp.float32) for _ in range(layers)) if dt == FP8 else None
+    pages = jnp.zeros((layers, *shape), dt)
+    scales = jnp.zeros((layers, *shape[:2]), jnp.float32) if dt == FP8 else None
     return PagedCache(pages, scales, jnp.zeros((batch, pages_per_seq), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
 
@@ -94,7 +96,7 @@ def bytes_per_token(cache: PagedCache) -> int:
     Equals layers x (kv_lora_rank + rope dim) x dtype bytes (+ 4 per layer for an FP8 scale); print
     it next to `Config.kv_cache_bytes_per_token` to compare with standard multi-head attention.
     """
-    arrays = list(cache.pages) + list(cache.scales or ())
+    arrays = [cache.pages] + ([] if cache.scales is None else [cache.scales])
     slots = cache.num_pages * cache.page_size
     return sum(a.size * a.dtype.itemsize for a in arrays) // slots
 
@@ -168,8 +170,9 @@ def quantize(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (rows / scale[..., None]).astype(FP8), scale
 
 
-def write(cache: PagedCache, layer: int, rows: jax.Array, positions: jax.Array, valid: jax.Array) -> PagedCache:
-    """Stores rows [B,T,C+R] of `layer` at token positions [B,T] where valid [B,T].
+def write(cache: PagedCache, layer, rows: jax.Array, positions: jax.Array, valid: jax.Array) -> PagedCache:
+    """Stores rows [B,T,C+R] of `layer` (an int or a traced int32 scalar) at token positions [B,T]
+    where valid [B,T].
 
     Invalid tokens (padding) target a page id past the end, which the scatter drops.
     """
@@ -177,13 +180,8 @@ def write(cache: PagedCache, layer: int, rows: jax.Array, positions: jax.Array, 
     slot_page = jnp.take_along_axis(cache.block_table, positions // page_size, axis=1, mode="clip")
     page = jnp.where(valid, slot_page, cache.num_pages)
     slot = positions % page_size
-    pages, scales = list(cache.pages), cache.scales
-    if scales is None:
-        pages[layer] = pages[layer].at[page, slot].set(rows.astype(pages[layer].dtype), mode="drop")
-    else:
-        q, s = quantize(rows)
-        pages[layer] = pages[layer].at[page, slot].set(q, mode="drop")
-        scales = list(scales)
-        scales[layer] = scales[layer].at[page, slot].set(s, mode="drop")
-        scales = tuple(scales)
-    return cache._replace(pages=tuple(pages), scales=scales)
+    if cache.scales is None:
+        return cache._replace(pages=cache.pages.at[layer, page, slot].set(rows.astype(cache.pages.dtype), mode="drop"))
+    q, s = quantize(rows)
+    return cache._replace(pages=cache.pages.at[layer, page, slot].set(q, mode="drop"),
+                          scales=cache.scales.at[layer, page, slot].set(s, mode="drop"))

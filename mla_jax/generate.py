@@ -105,48 +105,46 @@ def bucket_length(n: int, limit: int) -> int:
 
 
 # ------------------------------------------------------------------------ forward passes
-def _run_layers(model: Transformer, tokens, positions, attend):
-    """Embedding and decoder layers with `attend` as self-attention: hidden states [B,T,D]."""
+def _run_layers(model: Transformer, tokens, positions, attend, cache: kv.PagedCache):
+    """Embedding and the scanned decoder layers with `attend` as self-attention, threading the
+    cache from layer to layer: (hidden states [B,T,D], cache)."""
     sin, cos = sin_cos(model.config, positions)
-    h = model.embed(tokens)
-    for layer in model.layers:
-        h, _ = layer(h, sin, cos, attend)
-    return h
+    h, cache, _ = model.layers(model.embed(tokens), sin, cos, attend, cache)
+    return h, cache
 
 
-def _prefill_attention(box: list, positions, valid):
+def _prefill_attention(positions, valid):
     """Self-attention over the prompt that also stores each valid token's latent row in the pages."""
     mask = (positions[:, :, None] >= positions[:, None, :]) & valid[:, None, :]  # [B,T,T]
 
-    def attend(layer, mla, x, sin, cos):
+    def attend(layer, mla, x, sin, cos, cache):
         q_nope, q_rope = mla.queries(x, sin, cos)
         c_kv, k_rope = mla.latents(x, sin, cos)
-        box[0] = kv.write(box[0], layer, jnp.concatenate([c_kv, k_rope], axis=-1), positions, valid)
+        cache = kv.write(cache, layer, jnp.concatenate([c_kv, k_rope], axis=-1), positions, valid)
         out = expanded_attention(q_nope, q_rope, c_kv, k_rope, mla.w_uk, mla.w_uv, mask, mla.config.softmax_scale)
-        return mla.o_proj(out)
+        return mla.o_proj(out), cache
 
     return attend
 
 
-def _decode_attention(box: list, positions, implementation: str):
+def _decode_attention(positions, implementation: str):
     """Absorbed MLA of one new token per sequence over its pages (the token is written first)."""
 
-    def attend(layer, mla, x, sin, cos):
+    def attend(layer, mla, x, sin, cos, cache):
         c = mla.config
         q_nope, q_rope = mla.queries(x, sin, cos)  # [B,1,N,H], [B,1,N,R]
         c_kv, k_rope = mla.latents(x, sin, cos)
-        cache = kv.write(box[0], layer, jnp.concatenate([c_kv, k_rope], axis=-1), positions,
+        cache = kv.write(cache, layer, jnp.concatenate([c_kv, k_rope], axis=-1), positions,
                          jnp.ones(positions.shape, bool))
-        box[0] = cache
         q = jnp.concatenate([absorb_query(q_nope, mla.w_uk), q_rope.astype(q_nope.dtype)], axis=-1)
-        pages = cache.pages[layer]
+        pages = cache.pages[layer]  # [P,S,C+R]
         q = q.astype(query_dtype(pages.dtype))  # [B,1,N,C+R]
         o_lat, _ = pallas_kernels.mla_decode(
             q, pages, cache.block_table, cache.seq_lens, softmax_scale=c.softmax_scale,
             v_dim=c.kv_lora_rank, implementation=implementation,
             page_scales=None if cache.scales is None else cache.scales[layer])
         out = jnp.einsum("BTNC,CNH->BTNH", o_lat.astype(x.dtype), mla.w_uv)  # [B,1,N,Hv]
-        return mla.o_proj(out)
+        return mla.o_proj(out), cache
 
     return attend
 
@@ -165,24 +163,25 @@ def _prefill(graphdef, state, cache, tokens, lengths, key, stop, *, sampling: Sa
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = positions < lengths[:, None]
-    box = [cache._replace(seq_lens=lengths.astype(jnp.int32))]
-    h = _run_layers(model, tokens, positions, _prefill_attention(box, positions, valid))
+    cache = cache._replace(seq_lens=lengths.astype(jnp.int32))
+    h, cache = _run_layers(model, tokens, positions, _prefill_attention(positions, valid), cache)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B,1,D]
     logits = model.logits(last)[:, 0]
     token, done, key = _first_token(logits, jnp.zeros((b,), bool), key, sampling, stop)
-    return box[0], token, done, key, logits
+    return cache, token, done, key, logits
 
 
 def _decode(graphdef, state, cache, tokens, done, key, stop, *, sampling: Sampling, implementation: str):
     """One token per sequence [B] -> (cache, next tokens [B], done, key, logits [B,V])."""
     model = nnx.merge(graphdef, state)
     positions = cache.seq_lens[:, None]  # the new token's position, [B,1]
-    box = [cache._replace(seq_lens=cache.seq_lens + 1)]
+    cache = cache._replace(seq_lens=cache.seq_lens + 1)
     # A finished sequence keeps running on a dummy token (its pages cover every step); outputs masked.
-    h = _run_layers(model, jnp.maximum(tokens, 0)[:, None], positions, _decode_attention(box, positions, implementation))
+    h, cache = _run_layers(model, jnp.maximum(tokens, 0)[:, None], positions,
+                           _decode_attention(positions, implementation), cache)
     logits = model.logits(h)[:, 0]
     token, done, key = _first_token(logits, done, key, sampling, stop)
-    return box[0], token, done, key, logits
+    return cache, token, done, key, logits
 
 
 # ------------------------------------------------------------------------ executables
@@ -214,6 +213,30 @@ def _executable(fn, graphdef, args, statics: dict):
     if len(_EXECUTABLES) > _MAX_EXECUTABLES:
         _EXECUTABLES.popitem(last=False)
     return compiled, time.perf_counter() - start
+
+
+def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size: int = kv.DEFAULT_PAGE_SIZE,
+                      cache_dtype=jnp.bfloat16, implementation: str = "xla", sampling: Sampling = Sampling(),
+                      device: jax.Device | None = None) -> jax.stages.Lowered:
+    """The decode step for `batch` sequences of up to `context` cached tokens, lowered for `device`
+    (default: the first local one) without allocating anything: `model` may be abstract
+    (`mla_jax.weights.abstract_model`) and `device` a GPU topology device on a machine without a
+    GPU (../shared/GPU_AOT.md). `.compile()` it to see memory, HLO and compile time."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
+    graphdef, state = nnx.split(model)
+    pages_per_seq = kv.pages_needed(context, page_size)
+    cache = jax.eval_shape(lambda: kv.init_cache(model.config, batch * pages_per_seq, batch, pages_per_seq,
+                                                 page_size=page_size, dtype=cache_dtype))
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    done = jax.ShapeDtypeStruct((batch,), jnp.bool_)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    stop = jax.ShapeDtypeStruct((1,), jnp.int32)
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        (state, cache, tokens, done, key, stop))
+    step = functools.partial(_decode, graphdef, sampling=sampling, implementation=implementation)
+    return jax.jit(step, donate_argnums=(1,)).trace(*args).lower()
 
 
 # ------------------------------------------------------------------------ the public API

@@ -1,14 +1,25 @@
 """The DeepSeek-V2/V3 decoder: embeddings, MLA + (dense MLP | DeepSeekMoE) layers, norm, lm_head.
 
-`Transformer(config, rngs=...)(tokens)` returns float32 logits [B,T,V]. Attention is replaceable per
-call (`attention_fn`) so that generation can run the same layers over a paged latent cache.
+`Transformer(config, rngs=...)(tokens)` returns float32 logits [B,T,V].
 
-Dimensions: B batch, T length, D model dim, V vocabulary.
+Layers are scanned, not unrolled: consecutive layers of one kind (DeepSeek: `first_k_dense_replace`
+dense-MLP layers, then MoE layers) form a run, and each run is one stacked module whose every
+weight has a leading layer axis L, applied by `jax.lax.scan`. The compiled program holds one loop
+body per run however deep the model is, so compile time does not grow with depth.
+
+Attention is replaceable per call (`AttentionFn`) so that generation can run the same layers over
+a paged latent cache: the callback gets the layer's global index (a traced int32 scalar) and a
+`carry` that the scan threads from layer to layer (generation's cache).
+
+Checkpoints keep one entry per layer (("layers", i, ...), the hub's own order): `checkpoint_paths`
+and `model_path` translate between those and the stacked tree (("stacks", k, ...), index j).
+
+Dimensions: B batch, T length, D model dim, V vocabulary, L layers of a run.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +31,18 @@ from mla_jax.layers import INIT_STD, MLP, Linear, RMSNorm
 from mla_jax.moe import MoE
 from mla_jax.rope import sin_cos
 
+Path = tuple
+
 
 class AttentionFn(Protocol):
-    """(layer index, the layer's MLA, normed x [B,T,D], sin, cos [B,T,R/2]) -> [B,T,D]."""
+    """(layer index, the layer's MLA, normed x [B,T,D], sin, cos [B,T,R/2], carry) -> ([B,T,D], carry).
 
-    def __call__(self, layer: int, mla: MLA, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array: ...
+    The layer index is a traced int32 scalar (the layers are scanned); `carry` is passed on to the
+    next layer's call unchanged in structure (shapes and dtypes fixed).
+    """
+
+    def __call__(self, layer: jax.Array, mla: MLA, x: jax.Array, sin: jax.Array, cos: jax.Array,
+                 carry: Any) -> tuple[jax.Array, Any]: ...
 
 
 def attention_mask(tokens_shape, segment_ids: jax.Array | None) -> jax.Array:
@@ -40,14 +58,64 @@ def attention_mask(tokens_shape, segment_ids: jax.Array | None) -> jax.Array:
     return causal & same & (segment_ids[:, None, :] != 0)
 
 
+# ------------------------------------------------------------------------ which layers stack together
+class LayerRun(NamedTuple):
+    """`count` consecutive layers of one kind, from layer `first` on: one scanned stack."""
+
+    first: int
+    count: int
+    moe: bool
+
+
+def layer_runs(config: Config) -> tuple[LayerRun, ...]:
+    """The model's layers grouped into maximal runs of one kind, in order.
+
+    DeepSeek-V2/V3 (moe_layer_freq 1) give at most two: the dense layers, then the MoE layers. An
+    interleaving freq > 1 gives one run per layer, still correct, only no longer flat in depth.
+    """
+    runs: list[LayerRun] = []
+    for i in range(config.num_hidden_layers):
+        moe = config.is_moe_layer(i)
+        if runs and runs[-1].moe == moe:
+            runs[-1] = runs[-1]._replace(count=runs[-1].count + 1)
+        else:
+            runs.append(LayerRun(i, 1, moe))
+    return tuple(runs)
+
+
+def model_path(config: Config, path: Path) -> tuple[Path, int | None]:
+    """Checkpoint path -> (model path, index along its layer axis); None for unstacked variables.
+
+    ("layers", 4, "mlp", "gate") -> (("stacks", 1, "mlp", "gate"), 1) when run 1 starts at layer 3.
+    """
+    if not path or path[0] != "layers":
+        return path, None
+    i = path[1]
+    for k, run in enumerate(layer_runs(config)):
+        if run.first <= i < run.first + run.count:
+            return ("stacks", k, *path[2:]), i - run.first
+    raise KeyError(f"{'.'.join(map(str, path))}: the model has layers 0..{config.num_hidden_layers - 1}")
+
+
+def checkpoint_paths(config: Config, path: Path) -> list[tuple[Path, int | None]]:
+    """Model path -> [(checkpoint path, index along the layer axis)]: one per layer for a stacked
+    variable, [(path, None)] for the others."""
+    if not path or path[0] != "stacks":
+        return [(path, None)]
+    run = layer_runs(config)[path[1]]
+    return [(("layers", run.first + j, *path[2:]), j) for j in range(run.count)]
+
+
+# ------------------------------------------------------------------------ modules
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: Config, layer: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """Pre-norm MLA, then pre-norm dense MLP or MoE, each with a residual connection."""
+
+    def __init__(self, config: Config, moe: bool, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         c = config
-        self.layer = layer
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = MLA(c, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
-        if c.is_moe_layer(layer):
+        if moe:
             self.mlp = MoE(c, param_dtype=param_dtype, rngs=rngs)
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, param_dtype=param_dtype, rngs=rngs)
@@ -56,18 +124,51 @@ class DecoderLayer(nnx.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def __call__(self, x, sin, cos, attend: Callable, *, moe_reference: bool = False):
-        h = x + attend(self.layer, self.self_attn, self.input_layernorm(x), sin, cos).astype(x.dtype)
+    def __call__(self, layer, x, sin, cos, attend: AttentionFn, carry, *, moe_reference: bool = False):
+        """x [B,T,D] -> (x [B,T,D], carry, router stats of an MoE layer or None)."""
+        out, carry = attend(layer, self.self_attn, self.input_layernorm(x), sin, cos, carry)
+        h = x + out.astype(x.dtype)
         y = self.post_attention_layernorm(h)
         if self.is_moe:
             y, aux = self.mlp(y, reference=moe_reference)
         else:
             y, aux = self.mlp(y), None
-        return h + y.astype(h.dtype), aux
+        return h + y.astype(h.dtype), carry, aux
+
+
+def _layer_stack(config: Config, run: LayerRun, param_dtype, rngs: nnx.Rngs) -> DecoderLayer:
+    """`run.count` independently initialised layers as one DecoderLayer with weights [L, ...]."""
+
+    @nnx.split_rngs(splits=run.count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return DecoderLayer(config, run.moe, param_dtype=param_dtype, rngs=rngs)
+
+    return make(rngs)
+
+
+def scan_layers(stack: DecoderLayer, run: LayerRun, h, sin, cos, attend: AttentionFn, carry, *,
+                moe_reference: bool = False):
+    """The run's layers one after another over h [B,T,D]: (h, carry, router stats stacked [L, ...] or None)."""
+    graphdef, weights = nnx.split(stack)
+
+    def body(state, xs):
+        layer_weights, index = xs
+        h, carry = state
+        h, carry, aux = nnx.merge(graphdef, layer_weights)(index, h, sin, cos, attend, carry,
+                                                           moe_reference=moe_reference)
+        return (h, carry), aux
+
+    index = run.first + jnp.arange(run.count, dtype=jnp.int32)
+    (h, carry), aux = jax.lax.scan(body, (h, carry), (weights, index))
+    return h, carry, aux
 
 
 class Transformer(nnx.Module):
-    """DeepseekV2ForCausalLM / DeepseekV3ForCausalLM (without the MTP module) in Flax NNX."""
+    """DeepseekV2ForCausalLM / DeepseekV3ForCausalLM (without the MTP module) in Flax NNX.
+
+    `stacks[k]` holds the layers of `layer_runs(config)[k]`, every weight with a leading axis L.
+    """
 
     def __init__(self, config: Config, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         c = config
@@ -75,9 +176,7 @@ class Transformer(nnx.Module):
         self.param_dtype = param_dtype
         init = jax.nn.initializers.normal(INIT_STD)
         self.embed_tokens = nnx.Param(init(rngs.params(), (c.vocab_size, c.hidden_size), param_dtype))
-        self.layers = nnx.List(
-            [DecoderLayer(c, i, param_dtype=param_dtype, rngs=rngs) for i in range(c.num_hidden_layers)]
-        )
+        self.stacks = nnx.List([_layer_stack(c, run, param_dtype, rngs) for run in layer_runs(c)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, param_dtype=param_dtype, rngs=rngs)
 
@@ -93,6 +192,20 @@ class Transformer(nnx.Module):
         w = self.lm_head.kernel[...]
         return jnp.einsum("BTD,DV->BTV", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
+    def layers(self, h, sin, cos, attend: AttentionFn, carry=None, *, moe_reference: bool = False):
+        """Every decoder layer over h [B,T,D] with `attend` as self-attention.
+
+        Returns (h [B,T,D], carry, router stats): the stats of the MoE layers in order, each of
+        scores [L,M,E], experts [L,M,K], load [L,E] stacked over the L MoE layers (None without any).
+        """
+        stats = []
+        for stack, run in zip(self.stacks, layer_runs(self.config)):
+            h, carry, aux = scan_layers(stack, run, h, sin, cos, attend, carry, moe_reference=moe_reference)
+            if run.moe:
+                stats.append(aux)
+        aux = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else None
+        return h, carry, aux
+
     def __call__(
         self,
         tokens: jax.Array,
@@ -100,31 +213,25 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         attention_form: str = "expanded",
-        attention_fn: AttentionFn | None = None,
         moe_reference: bool = False,
         return_aux: bool = False,
     ):
-        """tokens [B,T] int -> float32 logits [B,T,V] (and, with return_aux, per-MoE-layer router stats).
+        """tokens [B,T] int -> float32 logits [B,T,V] (and, with return_aux, the router stats).
 
         positions [B,T] default to 0..T-1 (restart them per document when packing); segment_ids [B,T]
-        keep packed documents apart (0 = padding). `attention_fn` replaces self-attention, e.g. to
-        attend over a cache; `attention_form` picks "expanded" or "absorbed" for the default.
+        keep packed documents apart (0 = padding); `attention_form` is "expanded" or "absorbed".
+        With return_aux, also {scores [L,M,E], experts [L,M,K], load [L,E]} over the L MoE layers
+        in order (M = B·T tokens), or None for a model without MoE layers.
         """
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         sin, cos = sin_cos(self.config, positions)
-        if attention_fn is None:
-            mask = attention_mask((b, t), segment_ids)
+        mask = attention_mask((b, t), segment_ids)
 
-            def attention_fn(layer, mla, x, sin, cos):
-                return mla(x, sin, cos, mask, form=attention_form)
+        def attend(layer, mla, x, sin, cos, carry):
+            return mla(x, sin, cos, mask, form=attention_form), carry
 
-        h = self.embed(tokens)
-        aux = []
-        for layer in self.layers:
-            h, layer_aux = layer(h, sin, cos, attention_fn, moe_reference=moe_reference)
-            if layer_aux is not None:
-                aux.append(layer_aux)
+        h, _, aux = self.layers(self.embed(tokens), sin, cos, attend, moe_reference=moe_reference)
         logits = self.logits(h)
         return (logits, aux) if return_aux else logits

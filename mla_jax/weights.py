@@ -4,23 +4,28 @@
 device buffers, part by part: host memory never holds a second copy of the model, and with a mesh
 each device reads only its own shard. `save` writes the same layout as `mla-jax convert` (see
 `mla_jax.store`), atomically. Neither imports torch or safetensors.
+
+Checkpoints store one entry per layer (("layers", i, ...)); the model stacks the layers of a run
+along a leading axis (`mla_jax.model`). Loading places each stored layer into its slot of the
+stacked array in place; saving writes the slots back out one by one.
 """
 
 from __future__ import annotations
 
 import os
+import dataclasses
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from mla_jax import store
 from mla_jax.config import Config
 from mla_jax.layers import RouterBias
-from mla_jax.model import Transformer
+from mla_jax.model import Transformer, checkpoint_paths, model_path
 from mla_jax.sharding import Rules, named_sharding
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -40,10 +45,61 @@ def abstract_model(config: Config, dtype=jnp.float32) -> Transformer:
 
 
 def model_variables(model: nnx.Module) -> Iterator[tuple[store.Path, nnx.Variable]]:
-    """(path, variable) of every weight, e.g. (("layers", 0, "self_attn", "o_proj", "kernel"), Param)."""
+    """(path, variable) of every weight, e.g. (("stacks", 0, "self_attn", "o_proj", "kernel"), Param)."""
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Variable):
             yield tuple(path), node
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """What a checkpoint path names in the model: a whole variable, or one layer of a stacked one."""
+
+    variable: nnx.Variable
+    index: int | None  # along the stacked variable's layer axis
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.variable.shape)
+        return shape if self.index is None else shape[1:]
+
+    @property
+    def dtype(self):
+        return self.variable.dtype
+
+    def get_value(self):
+        value = self.variable.get_value()
+        return value if self.index is None else value[self.index]
+
+    def set_value(self, value) -> None:
+        """Sets the variable (or its layer), e.g. on a model from `abstract_model`: unset layers are 0."""
+        if self.index is None:
+            self.variable.set_value(value)
+            return
+        whole = self.variable.get_value()
+        if not isinstance(whole, jax.Array):
+            whole = jnp.zeros(self.variable.shape, self.variable.dtype)
+        self.variable.set_value(whole.at[self.index].set(jnp.asarray(value, whole.dtype)))
+
+
+def checkpoint_slots(model: Transformer) -> dict[store.Path, tuple[store.Path, int | None]]:
+    """{checkpoint path: (model path, layer index or None)} for every weight, layer by layer."""
+    plain, layers = {}, {}
+    for path, _ in model_variables(model):
+        for ckpt, index in checkpoint_paths(model.config, path):
+            (plain if index is None else layers)[ckpt] = (path, index)
+    return plain | dict(sorted(layers.items(), key=lambda item: item[0][1]))  # stable: layer-major
+
+
+def slot(model: Transformer, path: store.Path) -> Slot:
+    """The model's variable (or layer of one) that checkpoint `path` names."""
+    mpath, index = model_path(model.config, tuple(path))
+    node = model
+    for key in mpath:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    if not isinstance(node, nnx.Variable):
+        raise KeyError(f"{store.path_name(path)} is not a model variable")
+    return Slot(node, index)
 
 
 def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, rules: Rules | None = None,
@@ -61,32 +117,56 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, 
     config = Config.from_hf(os.path.join(path, store.CONFIG_FILE))
     model = abstract_model(config, as_dtype(dtype))
     variables = dict(model_variables(model))
+    slots = checkpoint_slots(model)
     stored = store.stored_variables(layout)
-    _check_matches(path, variables, stored)
+    _check_matches(path, {p: Slot(variables[m], i).shape for p, (m, i) in slots.items()}, stored)
     device = SingleDeviceSharding(jax.devices()[0])
-    targets = {}
-    for p, var in variables.items():
-        shape = tuple(var.shape)
+    targets, whole = {}, {}
+    for p, (m, i) in slots.items():
+        var = variables[m]
+        shape = Slot(var, i).shape
         sharding = device if mesh is None else named_sharding(store.path_name(p), shape, mesh, rules)
         targets[p] = jax.ShapeDtypeStruct(shape, var.dtype, sharding=sharding)
+        if i is not None and m not in whole:  # the stack takes its layers' layout, unsplit along L
+            stacked = device if mesh is None else NamedSharding(mesh, PartitionSpec(None, *sharding.spec))
+            whole[m] = jax.ShapeDtypeStruct(tuple(var.shape), var.dtype, sharding=stacked)
+    stacks = {}
     for p, array in store.restore(path, layout, targets, verify=verify):
-        variables[p].set_value(array)
+        m, i = slots[p]
+        if i is None:
+            variables[m].set_value(array)
+            continue
+        if m not in stacks:
+            stacks[m] = _zeros(whole[m])
+        stacks[m] = _put_layer(stacks[m], array, i)
+    for m, array in stacks.items():
+        variables[m].set_value(array)
     return model
 
 
-def _check_matches(path: str, variables: dict, stored: dict) -> None:
+def _zeros(target: jax.ShapeDtypeStruct) -> jax.Array:
+    return jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target.sharding)()
+
+
+# In place (the stack is donated): a stacked variable never exists twice while its layers arrive.
+_put_layer = jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0),
+                     donate_argnums=0)
+
+
+def _check_matches(path: str, shapes: dict, stored: dict) -> None:
+    """shapes: {checkpoint path: the shape the model expects there}."""
     where = os.path.join(path, store.LAYOUT_FILE)
-    missing = [store.path_name(p) for p in variables if p not in stored]
+    missing = [store.path_name(p) for p in shapes if p not in stored]
     if missing:
         raise store.CheckpointError(f"{where}: variable(s) {missing[:8]} that config.json implies are not stored")
-    unexpected = [store.path_name(p) for p in stored if p not in variables and p[0] != "mtp"]
+    unexpected = [store.path_name(p) for p in stored if p not in shapes and p[0] != "mtp"]
     if unexpected:
         raise store.CheckpointError(f"{where}: stored variable(s) {unexpected[:8]} are not part of the model config.json describes")
-    for p, var in variables.items():
-        if tuple(stored[p][0]) != tuple(var.shape):
+    for p, shape in shapes.items():
+        if tuple(stored[p][0]) != tuple(shape):
             raise store.CheckpointError(
                 f"{where}: {store.path_name(p)} is stored with shape {stored[p][0]}, "
-                f"but config.json implies {tuple(var.shape)}"
+                f"but config.json implies {tuple(shape)}"
             )
 
 
@@ -100,8 +180,9 @@ def save(model: Transformer, path: str | os.PathLike, *, tokenizer_from: str | o
     """
     dtypes = {np.dtype(var.dtype).name for p, var in model_variables(model) if not isinstance(var, RouterBias)}
     dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
+    variables = dict(model_variables(model))
     with store.Writer(path, overwrite=overwrite) as writer:
-        for p, var in model_variables(model):
-            writer.add(p, var.get_value())
+        for p, (m, i) in checkpoint_slots(model).items():
+            writer.add(p, Slot(variables[m], i).get_value())
         return writer.commit(model.config.to_hf(), dtype=dtype, tokenizer_from=tokenizer_from)
 

@@ -7,7 +7,9 @@ merges: the saved model holds W', plain kernels, loadable and exportable like an
 
 A kernel [*in, *out] is adapted as a matrix [I,O] (I = product of the input dims: one for `Linear`,
 two, heads × head dim, for `OutProj`). A [I,L] starts random and B [L,O] at zero, so training starts
-from the base model exactly. Dimensions: I in-features, O out-features, L the LoRA rank.
+from the base model exactly. The scanned layers' kernels carry a leading layer axis [Y, *in, *out];
+each layer gets its own adapters, A [Y,I,L] and B [Y,L,O].
+Dimensions: Y layers of a stack, I in-features, O out-features, L the LoRA rank.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from mla_jax.layers import Linear, OutProj
 ATTENTION_PROJECTIONS = nnx.All(nnx.Param, nnx.PathContains("self_attn"), lambda path, _: path[-1] == "kernel")
 
 
-def targets(model: nnx.Module, where=ATTENTION_PROJECTIONS) -> dict[str, tuple[tuple[int, ...], int]]:
-    """{kernel name: (kernel shape, number of input dims)} for the kernels `where` selects."""
+def targets(model: nnx.Module, where=ATTENTION_PROJECTIONS) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """{kernel name: (kernel shape, number of leading layer dims, number of input dims)} for the
+    kernels `where` selects."""
     select = nnx.filterlib.to_predicate(where)
     modules = {tuple(p): node for p, node in nnx.iter_graph(model) if isinstance(node, (Linear, OutProj))}
     out = {}
@@ -35,25 +38,28 @@ def targets(model: nnx.Module, where=ATTENTION_PROJECTIONS) -> dict[str, tuple[t
             owner = modules.get(tuple(path[:-1]))
             if owner is None:
                 raise ValueError(f"LoRA target {'.'.join(map(str, path))} is not the kernel of a Linear or OutProj")
-            out[".".join(map(str, path))] = (tuple(node.shape), 2 if isinstance(owner, OutProj) else 1)
+            in_dims, out_dims = (2, 1) if isinstance(owner, OutProj) else (1, len(owner.out_shape))
+            out[".".join(map(str, path))] = (tuple(node.shape), len(node.shape) - in_dims - out_dims, in_dims)
     if not out:
         raise ValueError("the LoRA filter selects no kernel")
     return out
 
 
-def _io(shape: tuple[int, ...], in_dims: int) -> tuple[int, int]:
-    return math.prod(shape[:in_dims]), math.prod(shape[in_dims:])
+def _io(shape: tuple[int, ...], lead: int, in_dims: int) -> tuple[tuple[int, ...], int, int]:
+    """(layer dims, I, O) of a kernel."""
+    return shape[:lead], math.prod(shape[lead:lead + in_dims]), math.prod(shape[lead + in_dims:])
 
 
 def init(targets_: dict, rank: int, key: jax.Array) -> dict[str, jax.Array]:
-    """Float32 adapters {"<kernel>.lora_a": [I,L], "<kernel>.lora_b": [L,O]} (B = 0: no change yet)."""
+    """Float32 adapters {"<kernel>.lora_a": [*Y,I,L], "<kernel>.lora_b": [*Y,L,O]} (B = 0: no change yet)."""
     if rank < 1:
         raise ValueError(f"lora rank={rank}; expected >= 1")
     adapters = {}
-    for n, (name, (shape, in_dims)) in enumerate(sorted(targets_.items())):
-        i, o = _io(shape, in_dims)
-        adapters[f"{name}.lora_a"] = jax.random.normal(jax.random.fold_in(key, n), (i, rank), jnp.float32) / math.sqrt(i)
-        adapters[f"{name}.lora_b"] = jnp.zeros((rank, o), jnp.float32)
+    for n, (name, (shape, lead, in_dims)) in enumerate(sorted(targets_.items())):
+        layers, i, o = _io(shape, lead, in_dims)
+        a = jax.random.normal(jax.random.fold_in(key, n), (*layers, i, rank), jnp.float32)
+        adapters[f"{name}.lora_a"] = a / math.sqrt(i)
+        adapters[f"{name}.lora_b"] = jnp.zeros((*layers, rank, o), jnp.float32)
     return adapters
 
 
@@ -61,8 +67,8 @@ def apply(params: dict[str, jax.Array], adapters: dict[str, jax.Array], targets_
           ) -> dict[str, jax.Array]:
     """The adapted parameters: each target kernel + scale·A·B, computed in float32, in the kernel's dtype."""
     out = dict(params)
-    for name, (shape, _) in targets_.items():
+    for name, (shape, _, _) in targets_.items():
         w = params[name]
-        delta = jnp.einsum("IL,LO->IO", adapters[f"{name}.lora_a"], adapters[f"{name}.lora_b"])
+        delta = jnp.einsum("...IL,...LO->...IO", adapters[f"{name}.lora_a"], adapters[f"{name}.lora_b"])
         out[name] = (w.astype(jnp.float32) + scale * delta.reshape(shape)).astype(w.dtype)
     return out

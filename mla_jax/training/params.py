@@ -1,4 +1,4 @@
-"""The model as flat dicts of arrays keyed by dotted variable path ("layers.1.mlp.gate"), and back.
+"""The model as flat dicts of arrays keyed by dotted variable path ("stacks.1.mlp.gate"), and back.
 
 Training works on plain dicts: optax, the weight-decay mask, LoRA and orbax all see the same names,
 and `Layout.merge` turns them back into a `Transformer` inside or outside `jax.jit`. Parameters

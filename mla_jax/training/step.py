@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mla_jax.model import Transformer
+from mla_jax.model import Transformer, layer_runs
 from mla_jax.training import balance, lora, optim
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.losses import cross_entropy
@@ -45,13 +45,17 @@ class Spec:
     layout: Layout
     tc: TrainConfig  # resolved
     compute_dtype: str
-    moe_layers: tuple[int, ...]
+    moe_stacks: tuple[tuple[int, int], ...]  # (stack index, MoE layers in it), in layer order
     n_experts: int
-    lora_targets: tuple[tuple[str, tuple[int, ...], int], ...]  # (kernel name, shape, input dims)
+    lora_targets: tuple[tuple[str, tuple[int, ...], int, int], ...]  # (kernel name, shape, layer dims, input dims)
 
     @property
     def targets(self) -> dict:
-        return {name: (shape, in_dims) for name, shape, in_dims in self.lora_targets}
+        return {name: (shape, lead, in_dims) for name, shape, lead, in_dims in self.lora_targets}
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(count for _, count in self.moe_stacks)
 
     def weights(self, params: dict, frozen: dict) -> dict:
         """The model's parameters in its compute dtype from the trainable masters (and frozen base)."""
@@ -59,8 +63,9 @@ class Spec:
             return lora.apply(frozen, params, self.targets, self.tc.lora_alpha / self.tc.lora_rank)
         return {n: v.astype(self.compute_dtype) for n, v in params.items()}
 
-    def bias_name(self, layer: int) -> str:
-        return f"layers.{layer}.mlp.e_score_correction_bias"
+    def bias_name(self, stack: int) -> str:
+        """The correction bias of an MoE stack, [L,E] over its layers."""
+        return f"stacks.{stack}.mlp.e_score_correction_bias"
 
 
 def _loss(spec: Spec, params, frozen, bias, micro, n_targets, n_rows, n_micro):
@@ -72,16 +77,19 @@ def _loss(spec: Spec, params, frozen, bias, micro, n_targets, n_rows, n_micro):
     real = micro["segment_ids"] != 0
     b, t = real.shape
     aux_loss = jnp.zeros((), jnp.float32)
-    loads = []
-    for layer in aux:
-        scores = layer["scores"].reshape(b, t, -1)
-        experts = layer["experts"].reshape(b, t, -1)
-        if tc.seq_aux_alpha:
-            aux_loss += jnp.sum(balance.sequence_balance_loss(scores, experts, real, tc.seq_aux_alpha)) / n_rows
-        if tc.expert_aux_alpha:
-            aux_loss += balance.expert_balance_loss(scores, experts, real, tc.expert_aux_alpha) / n_micro
-        loads.append(balance.expert_load(experts, spec.n_experts, real))
-    loads = jnp.stack(loads) if loads else jnp.zeros((0, spec.n_experts), jnp.float32)
+    if aux is None:
+        return ce_sum / n_targets, (ce_sum, aux_loss, jnp.zeros((0, spec.n_experts), jnp.float32))
+    # Router stats of the MoE layers, stacked along a leading layer axis L.
+    scores = aux["scores"].reshape(-1, b, t, aux["scores"].shape[-1])  # [L,B,T,E]
+    experts = aux["experts"].reshape(-1, b, t, aux["experts"].shape[-1])  # [L,B,T,K]
+    per_layer = jax.vmap  # each layer's loss is the unstacked rule applied to its own stats
+    if tc.seq_aux_alpha:
+        seq = per_layer(lambda s, e: balance.sequence_balance_loss(s, e, real, tc.seq_aux_alpha))(scores, experts)
+        aux_loss += jnp.sum(seq) / n_rows
+    if tc.expert_aux_alpha:
+        level = per_layer(lambda s, e: balance.expert_balance_loss(s, e, real, tc.expert_aux_alpha))(scores, experts)
+        aux_loss += jnp.sum(level) / n_micro
+    loads = per_layer(lambda e: balance.expert_load(e, spec.n_experts, real))(experts)  # [L,E]
     return ce_sum / n_targets + aux_loss, (ce_sum, aux_loss, loads)
 
 
@@ -99,7 +107,7 @@ def _grads(spec: Spec, params: dict, frozen: dict, bias: dict, batch: dict):
 
     zero = jnp.zeros((), jnp.float32)
     init = (jax.tree.map(jnp.zeros_like, params), zero, zero,
-            jnp.zeros((len(spec.moe_layers), spec.n_experts), jnp.float32))
+            jnp.zeros((spec.n_moe_layers, spec.n_experts), jnp.float32))
     (grads, ce, aux_loss, loads), _ = jax.lax.scan(micro_step, init, batch)
     return grads, ce / n_targets, aux_loss, loads
 
@@ -111,12 +119,16 @@ def _step(spec: Spec, state: dict, frozen: dict, batch: dict):
     params = optax.apply_updates(state["params"], updates)
     bias = dict(state["bias"])
     if tc.bias_update_speed:
-        for j, layer in enumerate(spec.moe_layers):
-            bias[spec.bias_name(layer)] = balance.update_bias(bias[spec.bias_name(layer)], loads[j], tc.bias_update_speed)
+        first = 0
+        for stack, count in spec.moe_stacks:
+            name = spec.bias_name(stack)
+            update = functools.partial(balance.update_bias, gamma=tc.bias_update_speed)
+            bias[name] = jax.vmap(update)(bias[name], loads[first:first + count])
+            first += count
     rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
     new_state = {"params": params, "bias": bias, "opt": opt, "rng": jax.random.key_data(rng),
                  "step": state["step"] + 1}
-    imbalance = jnp.mean(jax.vmap(balance.max_over_mean)(loads)) if spec.moe_layers else jnp.full((), jnp.nan)
+    imbalance = jnp.mean(jax.vmap(balance.max_over_mean)(loads)) if spec.moe_stacks else jnp.full((), jnp.nan)
     metrics = {
         "loss": ce,
         "aux_loss": aux_loss,
@@ -129,7 +141,7 @@ def _step(spec: Spec, state: dict, frozen: dict, batch: dict):
 
 
 def optimizer(spec: Spec) -> optax.GradientTransformation:
-    names = [f"{n}.lora_{ab}" for n, _, _ in spec.lora_targets for ab in "ab"] or spec.layout.param_names
+    names = [f"{n}.lora_{ab}" for n, *_ in spec.lora_targets for ab in "ab"] or spec.layout.param_names
     return optim.optimizer(spec.tc, names)
 
 
@@ -154,9 +166,9 @@ class Trainer:
         if len(dtypes) != 1:
             raise ValueError(f"the model's parameters mix dtypes {sorted(dtypes)}; expected one")
         targets = lora.targets(model) if tc.lora_rank else {}
-        moe_layers = tuple(i for i, layer in enumerate(model.layers) if layer.is_moe)
-        self.spec = Spec(layout, tc, dtypes.pop(), moe_layers, model.config.n_routed_experts or 1,
-                         tuple((n, s, d) for n, (s, d) in sorted(targets.items())))
+        moe_stacks = tuple((k, run.count) for k, run in enumerate(layer_runs(model.config)) if run.moe)
+        self.spec = Spec(layout, tc, dtypes.pop(), moe_stacks, model.config.n_routed_experts or 1,
+                         tuple((n, s, lead, d) for n, (s, lead, d) in sorted(targets.items())))
         # LoRA freezes the base in its own dtype; full fine-tuning trains float32 masters of it all.
         self.frozen = base if tc.lora_rank else {}
         self._base = base

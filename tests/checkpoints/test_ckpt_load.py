@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 import mla_jax
 from mla_jax import store
 from mla_jax.config import Config
-from mla_jax.weights import load, model_variables, save
+from mla_jax.weights import load, model_variables, save, slot
 from mla_jax.model import Transformer
 
 TINY = dict(
@@ -61,6 +61,15 @@ def test_save_writes_the_converter_layout(saved):
         store.FORMAT, "float32", [store.CONFIG_FILE, store.LAYOUT_FILE, store.STATE_DIR])
 
 
+def test_save_stores_one_entry_per_layer_as_the_converter_does(saved):
+    """The model stacks its layers; the checkpoint keeps the hub's per-layer layout."""
+    model, path = saved
+    stored = store.stored_variables(store.read_layout(path))
+    assert {p[1] for p in stored if p[0] == "layers"} == set(range(model.config.num_hidden_layers))
+    assert not [p for p in stored if p[0] == "stacks"]
+    assert stored[("layers", 1, "mlp", "gate")][0] == tuple(model.stacks[1].mlp.gate.shape[1:])
+
+
 def test_saved_config_round_trips(saved):
     model, path = saved
     assert Config.from_hf(path) == model.config
@@ -70,20 +79,21 @@ def test_saved_config_round_trips(saved):
 def test_load_casts_to_the_requested_dtype(saved, dtype):
     _, path = saved
     model = load(path, dtype=dtype)
-    assert model.layers[1].mlp.experts.gate_proj.get_value().dtype == dtype
+    assert model.stacks[1].mlp.experts.gate_proj.get_value().dtype == dtype
 
 
 def test_router_bias_stays_float32(saved):
     _, path = saved
     model = load(path, dtype=jnp.bfloat16)
-    assert model.layers[1].mlp.e_score_correction_bias.get_value().dtype == jnp.float32
+    assert model.stacks[1].mlp.e_score_correction_bias.get_value().dtype == jnp.float32
 
 
 def _mesh():
     return Mesh(np.array(jax.devices()[:4]), ("model",))
 
 
-# variable -> the shape each of the 4 devices holds (E=8 experts, N=4 heads split 4 ways)
+# checkpoint path -> the shape each of the 4 devices holds of that layer (E=8 experts, N=4 heads split
+# 4 ways); the stacked variable holding it is split the same way, whole along its layer axis
 SHARDS = {
     "routed_experts_over_E": (("layers", 1, "mlp", "experts", "gate_proj"), (2, 32, 16)),
     "q_b_proj_over_heads": (("layers", 0, "self_attn", "q_b_proj", "kernel"), (24, 1, 12)),
@@ -100,7 +110,10 @@ def test_each_device_holds_only_its_shard(saved, case):
         pytest.skip("needs 4 host devices (tests/conftest.py sets them)")
     var_path, shard_shape = SHARDS[case]
     model = load(path, dtype=jnp.float32, mesh=_mesh())
-    array = dict(model_variables(model))[var_path].get_value()
+    where = slot(model, var_path)
+    array = where.variable.get_value()
+    if where.index is not None:
+        shard_shape = (array.shape[0], *shard_shape)
     assert sorted({s.device.id for s in array.addressable_shards}) == [0, 1, 2, 3] and all(
         s.data.shape == shard_shape for s in array.addressable_shards)
 

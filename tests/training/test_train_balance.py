@@ -90,11 +90,11 @@ def test_train_step_moves_each_bias_by_gamma_towards_balance():
     @jax.jit
     def layer1_load(state, tokens, segment_ids):
         _, aux = trainer.model(state)(tokens, segment_ids=segment_ids, return_aux=True)
-        return balance.expert_load(aux[0]["experts"].reshape(*tokens.shape, -1), 8, segment_ids != 0)
+        return balance.expert_load(aux["experts"][0].reshape(*tokens.shape, -1), 8, segment_ids != 0)
 
     load = np.asarray(layer1_load(state, b["tokens"][0], b["segment_ids"][0]))
     state, _ = trainer.train_step(state, b)
-    name = "layers.1.mlp.e_score_correction_bias"
+    name = "stacks.1.mlp.e_score_correction_bias"  # [1,E]: the MoE stack holds one layer
     expected = bias_before[name] + gamma * np.sign(load.mean() - load)
     np.testing.assert_allclose(np.asarray(state["bias"][name]), expected, atol=1e-7)
 
@@ -103,4 +103,4 @@ def test_router_bias_is_not_a_trained_parameter():
     trainer = Trainer(tiny_model(), TrainConfig(param_dtype="float32"))
     state = trainer.init_state()
     assert [n for n in state["params"] if "e_score_correction_bias" in n] == [] and list(state["bias"]) == [
-        "layers.1.mlp.e_score_correction_bias"]
+        "stacks.1.mlp.e_score_correction_bias"]

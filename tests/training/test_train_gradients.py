@@ -16,6 +16,7 @@ from checkpoints import names
 from checkpoints.state_dict import load_state_dict
 from hf_models import save_tiny
 from mla_jax.config import Config
+from mla_jax.model import model_path
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.step import Trainer
 
@@ -66,7 +67,9 @@ def _our_grads(config: Config, tensors: dict, tokens: np.ndarray) -> dict[str, n
     for entry in names.entries(config):
         if entry.path[-1] == "e_score_correction_bias":
             continue  # a buffer in torch, a RouterBias here: neither has a gradient
-        g = np.asarray(grads[".".join(map(str, entry.path))])
+        path, layer = model_path(config, entry.path)  # the model stacks its layers
+        g = np.asarray(grads[".".join(map(str, path))])
+        g = g if layer is None else g[layer]
         out[entry.hf] = names.to_hub(entry, g if entry.expert is None else g[entry.expert])
     return out
 

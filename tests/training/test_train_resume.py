@@ -67,7 +67,7 @@ def test_resumed_result_equals_the_uninterrupted_result(runs):
 def test_result_loads_with_the_trained_weights(runs):
     *_, whole, _, _ = runs
     trained = load(whole["model"], dtype="float32")
-    bias = np.asarray(trained.layers[1].mlp.e_score_correction_bias[...])
+    bias = np.asarray(trained.stacks[1].mlp.e_score_correction_bias[...])
     # 6 bias updates of ±0.01 (or 0) from 0: a multiple of 0.01, and not all zero
     assert np.allclose(bias * 100, np.round(bias * 100), atol=1e-4) and np.any(bias != 0)
 

@@ -44,7 +44,7 @@ def bf16_run():
 
 def test_masters_accumulate_updates_below_bfloat16_resolution(bf16_run):
     trainer, before, state = bf16_run
-    name = "layers.0.self_attn.q_b_proj.kernel"
+    name = "stacks.0.self_attn.q_b_proj.kernel"
     master = np.asarray(state["params"][name])
     lost_in_bf16 = master.astype(jnp.bfloat16) == before[name].astype(jnp.bfloat16)
     moved = master != before[name]
@@ -61,15 +61,15 @@ def test_optimizer_state_and_masters_are_float32_weights_bfloat16(bf16_run):
 
 @pytest.mark.parametrize("name,decay", [
     ("embed_tokens", True),
-    ("layers.0.self_attn.q_a_proj.kernel", True),
-    ("layers.1.mlp.experts.gate_proj", True),
-    ("layers.1.mlp.gate", True),
-    ("layers.0.self_attn.q_a_proj.kernel.lora_a", True),
-    ("layers.0.input_layernorm.weight", False),
-    ("layers.0.self_attn.kv_a_layernorm.weight", False),
+    ("stacks.0.self_attn.q_a_proj.kernel", True),
+    ("stacks.1.mlp.experts.gate_proj", True),
+    ("stacks.1.mlp.gate", True),
+    ("stacks.0.self_attn.q_a_proj.kernel.lora_a", True),
+    ("stacks.0.input_layernorm.weight", False),
+    ("stacks.0.self_attn.kv_a_layernorm.weight", False),
     ("norm.weight", False),
-    ("layers.0.self_attn.q_a_proj.bias", False),
-    ("layers.0.mlp.down_proj.bias", False),
+    ("stacks.0.self_attn.q_a_proj.bias", False),
+    ("stacks.0.mlp.down_proj.bias", False),
 ])
 def test_weight_decay_skips_norms_and_biases(name, decay):
     assert decays(name) is decay
