@@ -2,6 +2,7 @@
 
     JAX_PLATFORMS=cpu python bench/compile_time.py                      # deepseek-v3 at 4 and 61 layers
     JAX_PLATFORMS=cpu python bench/compile_time.py --layers 4 61 --batch 32 --context 4096
+    git worktree add /tmp/before <rev>; python bench/compile_time.py --before /tmp/before   # + that code
 
 Everything is abstract (`jax.ShapeDtypeStruct`): no weight, cache or activation is allocated, so
 the full V3 step (~1.3 TB of bf16 weights) compiles in a few GB of host memory. The target device
@@ -11,7 +12,9 @@ times. Wall time depends on what else the host runs; `total_cpu_s` (this process
 children, all threads) does not much, and on an otherwise idle host the wall time is at most
 that (less where compilation keeps both cores busy; waits on disk aside). Layers are scanned, so the two depths should compile in about the same time; the script
 also counts the while loops and dot instructions of the optimized HLO, which must not grow with
-depth. Writes bench/results/compile_time-<host>-<date>.json.
+depth. `--before DIR` measures the same in a subprocess against another checkout of the project
+(e.g. the last unrolled commit) for a before/after table in one file. Writes
+bench/results/compile_time-<host>-<date>.json.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import pathlib
 import platform
 import re
 import resource
+import subprocess
 import sys
 import time
 
@@ -33,10 +37,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CHECKOUT_ENV = "COMPILE_TIME_CHECKOUT"  # the project checkout to import (--before sets it)
+sys.path.insert(0, os.environ.get(CHECKOUT_ENV, str(ROOT)))
+from mla_jax import generate  # noqa: E402
 from mla_jax.config import Config  # noqa: E402
-from mla_jax.generate import lower_decode_step  # noqa: E402
-from mla_jax.model import layer_runs  # noqa: E402
 from mla_jax.weights import abstract_model  # noqa: E402
 
 
@@ -84,10 +88,32 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _lower_unrolled_checkout(model, batch, context, *, implementation, device):
+    """`generate.lower_decode_step` for checkouts that predate it (the same arguments, built here)."""
+    import functools
+
+    from flax import nnx
+
+    from mla_jax import cache as kv
+    from mla_jax.sampling import Sampling
+
+    graphdef, state = nnx.split(model)
+    pages = kv.pages_needed(context, kv.DEFAULT_PAGE_SIZE)
+    cache = jax.eval_shape(lambda: kv.init_cache(model.config, batch * pages, batch, pages))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), (
+        state, cache, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.bool_), key,
+        jax.ShapeDtypeStruct((1,), jnp.int32)))
+    step = functools.partial(generate._decode, graphdef, sampling=Sampling(), implementation=implementation)
+    return jax.jit(step, donate_argnums=(1,)).trace(*args).lower()
+
+
 def measure(config: Config, *, batch: int, context: int, implementation: str, device) -> dict:
     model = abstract_model(config, jnp.bfloat16)
+    lower = getattr(generate, "lower_decode_step", _lower_unrolled_checkout)
     t0, c0 = time.perf_counter(), cpu_seconds()
-    lowered = lower_decode_step(model, batch, context, implementation=implementation, device=device)
+    lowered = lower(model, batch, context, implementation=implementation, device=device)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2, c2 = time.perf_counter(), cpu_seconds()
@@ -95,7 +121,6 @@ def measure(config: Config, *, batch: int, context: int, implementation: str, de
     gib = 1 << 30
     return {
         "layers": config.num_hidden_layers,
-        "runs": [run._asdict() for run in layer_runs(config)],
         "trace_lower_s": round(t1 - t0, 2),
         "compile_s": round(t2 - t1, 2),
         "total_s": round(t2 - t0, 2),
@@ -115,6 +140,8 @@ def main(argv=None) -> dict:
     p.add_argument("--implementation", default="mosaic_gpu", choices=["mosaic_gpu", "xla"])
     p.add_argument("--target", default="h100_sxm", help="a file name in shared/gpu_targets/")
     p.add_argument("--target-file", default=None, help="a GPU target description (.txtpb) to use instead")
+    p.add_argument("--before", default=None, help="another checkout of the project to measure the same way")
+    p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # --before's subprocess
     p.add_argument("--out", default=None, help="results file (default: bench/results/compile_time-<host>-<date>.json)")
     args = p.parse_args(argv)
 
@@ -125,10 +152,26 @@ def main(argv=None) -> dict:
         row = measure(base.replace(num_hidden_layers=n), batch=args.batch, context=args.context,
                       implementation=args.implementation, device=device)
         rows.append(row)
-        print(f"{args.preset} × {n:3d} layers: trace+lower {row['trace_lower_s']:6.1f} s, compile "
+        print(f"{'before' if args.rows_only else 'this checkout'}: {args.preset} × {n:3d} layers: trace+lower {row['trace_lower_s']:6.1f} s, compile "
               f"{row['compile_s']:6.1f} s (process CPU {row['total_cpu_s']:.1f} s); {row['while_loops']} while "
               f"loops, trip counts {row['known_trip_counts']}, {row['dots']} dots; weights "
               f"{row['weights_gib']} GiB, temporaries {row['temp_gib']} GiB", flush=True)
+
+    if args.rows_only:
+        print("ROWS " + json.dumps(rows))
+        return {"rows": rows}
+    before = None
+    if args.before:
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *_forwarded(args), "--rows-only"]
+        env = {**os.environ, CHECKOUT_ENV: os.path.abspath(args.before)}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        rev = subprocess.run(["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        before = {"checkout": args.before, "commit": rev or None,
+                  "rows": json.loads(out.split("ROWS ", 1)[1].splitlines()[0])}
+        for row in before["rows"]:
+            print(f"before ({rev}): {row['layers']:3d} layers, compile {row['compile_s']} s, CPU {row['total_cpu_s']} s, "
+                  f"{row['while_loops']} while loops, {row['dots']} dots")
 
     import flax
 
@@ -143,6 +186,7 @@ def main(argv=None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2),
         "rows": rows,
+        "before": before,
     }
     out = pathlib.Path(args.out) if args.out else (
         ROOT / "bench" / "results" / f"compile_time-cpu-host-{datetime.date.today().isoformat()}.json")
@@ -152,6 +196,12 @@ def main(argv=None) -> dict:
     tmp.replace(out)
     print(f"wrote {out}")
     return result
+
+
+def _forwarded(args) -> list[str]:
+    out = ["--preset", args.preset, "--layers", *map(str, args.layers), "--batch", str(args.batch),
+           "--context", str(args.context), "--implementation", args.implementation]
+    return out + (["--target-file", args.target_file] if args.target_file else ["--target", args.target])
 
 
 if __name__ == "__main__":

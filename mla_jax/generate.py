@@ -109,7 +109,7 @@ def _run_layers(model: Transformer, tokens, positions, attend, cache: kv.PagedCa
     """Embedding and the scanned decoder layers with `attend` as self-attention, threading the
     cache from layer to layer: (hidden states [B,T,D], cache)."""
     sin, cos = sin_cos(model.config, positions)
-    h, cache, _ = model.layers(model.embed(tokens), sin, cos, attend, cache)
+    h, cache, _ = model.run_layers(model.embed(tokens), sin, cos, attend, cache)
     return h, cache
 
 

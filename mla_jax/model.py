@@ -192,7 +192,7 @@ class Transformer(nnx.Module):
         w = self.lm_head.kernel[...]
         return jnp.einsum("BTD,DV->BTV", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
-    def layers(self, h, sin, cos, attend: AttentionFn, carry=None, *, moe_reference: bool = False):
+    def run_layers(self, h, sin, cos, attend: AttentionFn, carry=None, *, moe_reference: bool = False):
         """Every decoder layer over h [B,T,D] with `attend` as self-attention.
 
         Returns (h [B,T,D], carry, router stats): the stats of the MoE layers in order, each of
@@ -232,6 +232,6 @@ class Transformer(nnx.Module):
         def attend(layer, mla, x, sin, cos, carry):
             return mla(x, sin, cos, mask, form=attention_form), carry
 
-        h, _, aux = self.layers(self.embed(tokens), sin, cos, attend, moe_reference=moe_reference)
+        h, _, aux = self.run_layers(self.embed(tokens), sin, cos, attend, moe_reference=moe_reference)
         logits = self.logits(h)
         return (logits, aux) if return_aux else logits

@@ -145,7 +145,7 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, 
 
 
 def _zeros(target: jax.ShapeDtypeStruct) -> jax.Array:
-    return jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target.sharding)()
+    return jnp.zeros(target.shape, target.dtype, device=target.sharding)  # made on its devices, laid out
 
 
 # In place (the stack is donated): a stacked variable never exists twice while its layers arrive.

@@ -22,7 +22,7 @@ from mla_jax.rope import sin_cos
 from mla_jax.weights import abstract_model, model_variables
 
 CONFIG = Config.preset("deepseek-v3").replace(
-    num_hidden_layers=5, vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24,
+    num_hidden_layers=4, vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24,
     num_attention_heads=4, kv_lora_rank=32, q_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8,
     v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
     first_k_dense_replace=2, max_position_embeddings=128)
@@ -42,7 +42,7 @@ def test_interleaved_layers_form_one_run_per_change_of_kind():
 
 
 def test_a_model_without_experts_is_one_dense_run():
-    assert layer_runs(CONFIG.replace(n_routed_experts=None)) == (LayerRun(0, 5, False),)
+    assert layer_runs(CONFIG.replace(n_routed_experts=None)) == (LayerRun(0, 4, False),)
 
 
 def test_every_layer_has_one_checkpoint_path_that_maps_back():
@@ -60,7 +60,15 @@ def test_every_layer_has_one_checkpoint_path_that_maps_back():
 
 @pytest.fixture(scope="module")
 def model():
-    return Transformer(CONFIG, rngs=nnx.Rngs(0))
+    return Transformer(CONFIG, rngs=nnx.Rngs(0))  # 2 dense layers, then 2 MoE layers
+
+
+@pytest.fixture(scope="module")
+def scanned(model):
+    """(tokens, logits, router stats) of the scanned model."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 9)))
+    logits, aux = nnx.jit(lambda m, t: m(t, return_aux=True))(model, tokens)
+    return tokens, logits, aux
 
 
 def unrolled(model, tokens):
@@ -80,17 +88,15 @@ def unrolled(model, tokens):
     return model.logits(h), jnp.stack(loads)
 
 
-def test_scanned_layers_compute_what_the_layers_one_by_one_compute(model):
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 9)))
-    logits, aux = nnx.jit(lambda m, t: m(t, return_aux=True))(model, tokens)
+def test_scanned_layers_compute_what_the_layers_one_by_one_compute(model, scanned):
+    tokens, logits, aux = scanned
     ref_logits, ref_loads = nnx.jit(unrolled)(model, tokens)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(aux["load"]), np.asarray(ref_loads))
 
 
-def test_router_stats_are_stacked_per_moe_layer(model):
-    tokens = jnp.zeros((2, 9), jnp.int32)
-    _, aux = nnx.jit(lambda m, t: m(t, return_aux=True))(model, tokens)
+def test_router_stats_are_stacked_per_moe_layer(scanned):
+    _, _, aux = scanned
     moe_layers = sum(CONFIG.is_moe_layer(i) for i in range(CONFIG.num_hidden_layers))
     k, e = CONFIG.num_experts_per_tok, CONFIG.n_routed_experts
     assert aux["scores"].shape == (moe_layers, 18, e) and aux["experts"].shape == (moe_layers, 18, k)
@@ -99,11 +105,12 @@ def test_router_stats_are_stacked_per_moe_layer(model):
 
 # ------------------------------------------------------------------------ the compiled program
 def _cuda_plugin() -> bool:
+    """The compile-only CUDA plugin (GPU_AOT.md) is installed."""
     try:
         import jax_plugins.xla_cuda12  # noqa: F401
     except ImportError:
         return False
-    return "cuda" in jax.extend.backend.backends() or _gpu_target() is not None
+    return True
 
 
 def _gpu_target():
@@ -151,10 +158,10 @@ def _count(hlo: str, op: str) -> int:
 ])
 def test_decode_step_loops_over_layers_and_does_not_grow_with_depth(target):
     device = _device(target)
-    shallow, deep = _compiled_hlo(6, device), _compiled_hlo(14, device)
-    # 2 dense layers, then 12 MoE layers: one loop per run, the run's length as its trip count.
-    assert 12 in _trip_counts(deep) and 2 in _trip_counts(deep), _trip_counts(deep)
-    assert 4 in _trip_counts(shallow)
+    shallow, deep = _compiled_hlo(5, device), _compiled_hlo(13, device)
+    # 2 dense layers, then 11 MoE layers: one loop per run, the run's length as its trip count.
+    assert 11 in _trip_counts(deep) and 2 in _trip_counts(deep), _trip_counts(deep)
+    assert 3 in _trip_counts(shallow)
     # The loop bodies are the same program: no op is repeated per layer.
     for op in ("dot", "while", "custom-call", "fusion"):
         assert _count(deep, op) == _count(shallow, op), op
