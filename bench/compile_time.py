@@ -140,6 +140,7 @@ def main(argv=None) -> dict:
     p.add_argument("--implementation", default="mosaic_gpu", choices=["mosaic_gpu", "xla"])
     p.add_argument("--target", default="h100_sxm", help="a file name in shared/gpu_targets/")
     p.add_argument("--target-file", default=None, help="a GPU target description (.txtpb) to use instead")
+    p.add_argument("--note", default=None, help="a remark stored with the results (e.g. the host's load)")
     p.add_argument("--before", default=None, help="another checkout of the project to measure the same way")
     p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # --before's subprocess
     p.add_argument("--out", default=None, help="results file (default: bench/results/compile_time-<host>-<date>.json)")
@@ -187,6 +188,7 @@ def main(argv=None) -> dict:
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2),
         "rows": rows,
         "before": before,
+        "note": args.note,
     }
     out = pathlib.Path(args.out) if args.out else (
         ROOT / "bench" / "results" / f"compile_time-cpu-host-{datetime.date.today().isoformat()}.json")
