@@ -22,7 +22,7 @@ def schedule(tc: TrainConfig) -> optax.Schedule:
 
 
 def decays(name: str) -> bool:
-    """Whether weight decay applies to the parameter called `name` ("layers.0.input_layernorm.weight")."""
+    """Whether weight decay applies to the parameter called `name` ("stacks.0.input_layernorm.weight")."""
     parts = name.split(".")
     return parts[-1] != "bias" and not any(p.endswith("norm") for p in parts[:-1])
 
