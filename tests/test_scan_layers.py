@@ -8,6 +8,7 @@ and (when the CUDA plugin is installed) for an H100 compiled without a GPU.
 
 import os
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -142,8 +143,6 @@ def _compiled_hlo(layers: int, device) -> str:
 
 
 def _trip_counts(hlo: str) -> list[int]:
-    import re
-
     return sorted(int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"', hlo))
 
 
