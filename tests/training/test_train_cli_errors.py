@@ -183,13 +183,17 @@ def test_resume_with_another_seq_len_names_seq_len(capsys, diverged_late):
 
 
 # ---------------------------------------------------------------------------- signals, as a user sends them
-def test_double_ctrl_c_stops_at_once_and_the_run_resumes(tmp_path, capsys):
+@pytest.mark.parametrize("signals, said", [((signal.SIGINT, signal.SIGINT), r"interrupted \(Ctrl-C\)"),
+                                           ((signal.SIGTERM,), r"terminated \(SIGTERM\)")],
+                         ids=["double Ctrl-C", "SIGTERM"])
+def test_stopping_at_once_leaves_a_run_that_resumes(tmp_path, capsys, signals, said):
+    # The first Ctrl-C asks to stop after the step in flight; a second one, or SIGTERM, stops at once.
     out = tmp_path / "demo"
     r = run_cli_signalled("finetune", "--demo", "--out", out, "--save-every", "1", "--log-every", "1", "--no-progress",
-                          marker="step     2", signals=(signal.SIGINT, signal.SIGINT), gap=0.05)
+                          marker="step     2", signals=signals, gap=0.05)
     line = error_line(r)
-    m = re.fullmatch(rf"mla-jax finetune: interrupted \(Ctrl-C\); {out} resumes from step (\d+), its last checkpoint, "
-                     r"with --resume", line)
+    m = re.fullmatch(rf"mla-jax finetune: {said}; {out} resumes from step (\d+), its last checkpoint, with --resume",
+                     line)
     assert r.rc == 130 and m, line
     last = int(m.group(1))
     code, printed, err = finetune(capsys, "--demo", "--out", out, "--resume", "--stop-after", last + 1, "--no-progress")
