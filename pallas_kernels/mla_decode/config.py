@@ -43,21 +43,51 @@ class Config:
       raise ValueError(f"{self.out_chunk=} must be a positive multiple of 8")
 
 
+# How Mosaic GPU lays out one CTA's dynamic shared memory (jax 0.10/0.11): every scratch
+# buffer rounded up to SMEM_ALIGNMENT, a cross-warp reduction scratch when the kernel
+# reduces in registers (the softmax row max / sum), then 8 bytes per mbarrier.
+SMEM_ALIGNMENT = 1024
+REDUCTION_SCRATCH = 128 * 4 * 4  # CompilerParams.reduction_scratch_bytes' default
+MBARRIER_BYTES = 8
+META_LEN = 32  # int32 of per-CTA metadata (TMA copies move multiples of 128 bytes)
+
+
+def table_shape(max_pages: int) -> tuple[int, int]:
+  """2-D layout of one block-table row in SMEM, so that each TMA box dim is <= 256."""
+  cols = min(128, -(-max_pages // 32) * 32)  # 128-byte multiples
+  return -(-max_pages // cols), cols
+
+
+def _aligned(nbytes: int) -> int:
+  return -(-nbytes // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
+
+
 def smem_bytes(config: Config, *, dim: int, v_dim: int, itemsize: int,
                table_entries: int, num_consumers: int = 2,
                interpret: bool = False, fp8: bool = False) -> int:
-  """Shared memory one CTA of the kernel allocates for `config`."""
-  q = config.block_h * dim * 2
-  kv = config.num_stages * config.block_kv * dim * itemsize
-  if fp8:  # each consumer's bf16 copy of the current tile, per-token scales
-    kv += (num_consumers * config.block_kv * dim * 2
-           + config.num_stages * config.block_kv * 4)
-  p = num_consumers * config.block_h * config.block_kv * 2
+  """Dynamic shared memory one CTA of the kernel requests for `config`, in bytes.
+
+  Exact for the compiled kernel (checked against the compiler's launch size by
+  tests/pallas_kernels/test_mla_decode_sm90.py); `itemsize` is the cache's.
+  """
+  t_rows, t_cols = table_shape(table_entries)
   out_chunk = min(config.out_chunk, v_dim // num_consumers)
-  o = num_consumers * config.block_h * out_chunk * 4 + config.block_h * 4
-  meta = 8 * 4 + table_entries * 4 + 64  # + barriers
-  kt = num_consumers * config.block_kv * dim * 2 if interpret else 0
-  return q + kv + p + o + meta + kt
+  buffers = [
+      config.block_h * dim * 2,  # Q tile
+      config.num_stages * config.block_kv * dim * itemsize,  # cache ring
+      num_consumers * config.block_h * config.block_kv * 2,  # P
+      num_consumers * config.block_h * out_chunk * 4,  # output staging (f32)
+      config.block_h * 4,  # LSE staging
+      t_rows * t_cols * 4,  # block-table row
+      META_LEN * 4,
+  ]
+  if fp8:  # each consumer's bf16 copy of the current tile; per-token scales
+    buffers += [num_consumers * config.block_kv * dim * 2, config.num_stages * config.block_kv * 4]
+  if interpret:  # K^T staged for the interpreter
+    buffers.append(num_consumers * config.block_kv * dim * 2)
+  barriers = 3 + config.num_stages * (3 if fp8 else 2)  # setup, kv, [scales], consumed
+  return (sum(_aligned(n) for n in buffers) + REDUCTION_SCRATCH
+          + barriers * MBARRIER_BYTES)
 
 
 def num_splits_heuristic(batch: int, rows: int, capacity_blocks: int,

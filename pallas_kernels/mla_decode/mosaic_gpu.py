@@ -38,19 +38,14 @@ import jax.numpy as jnp
 
 from pallas_kernels import _interpret
 from pallas_kernels.mla_decode.combine import combine_splits
+from pallas_kernels.mla_decode import config as config_lib
 from pallas_kernels.mla_decode.config import Config
 
 NUM_CONSUMERS = 2
-META_LEN = 32  # int32 per CTA: start block, end block, seq_len, padding (TMA
-# copies must move a multiple of 128 bytes)
+META_LEN = config_lib.META_LEN  # int32 per CTA: start block, end block, seq_len, last
+# block, padding
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-
-
-def _table_shape(max_pages: int) -> tuple[int, int]:
-  """2-D layout of one block-table row so that each TMA box dim is <= 256."""
-  cols = min(128, -(-max_pages // 32) * 32)  # 128-byte multiples
-  return -(-max_pages // cols), cols
 
 
 def tile_swizzle(dim: int, block_kv: int, itemsize: int) -> int:
@@ -91,6 +86,8 @@ def _mla_decode_kernel(
     q_ref,  # [batch, h_blocks, block_h, dim] bf16/f16 (GMEM)
     pages_ref,  # [num_pages, page_size, dim] bf16/f16/fp8 (GMEM)
     scales_ref,  # [num_pages, page_size] f32 (GMEM), only for an FP8 cache
+    tail_ref,  # [batch, block_kv, dim] cache dtype (GMEM): last block, zero past seq_len
+    tail_scales_ref,  # [batch, block_kv] f32 (GMEM), only for an FP8 cache
     table_ref,  # [batch, t_rows, t_cols] int32 (GMEM)
     meta_ref,  # [batch, splits, META_LEN] int32 (GMEM)
     out_ref,  # [batch, splits, h_blocks, block_h, v_dim] f32 (GMEM)
@@ -150,7 +147,7 @@ def _mla_decode_kernel(
 
     def read_meta():
       plgpu.barrier_wait(meta_bar)
-      return meta_smem[0], meta_smem[1], meta_smem[2]
+      return meta_smem[0], meta_smem[1], meta_smem[2], meta_smem[3]
 
     @pl.when(wg == NUM_CONSUMERS)
     def _producer():
@@ -158,23 +155,37 @@ def _mla_decode_kernel(
       plgpu.copy_gmem_to_smem(meta_ref.at[b, split], meta_smem, meta_bar)
       plgpu.copy_gmem_to_smem(table_ref.at[b], table_smem, table_bar)
       plgpu.copy_gmem_to_smem(q_ref.at[b, hb], q_smem, q_bar)
-      start, end, _ = read_meta()
+      start, end, _, last = read_meta()
       plgpu.barrier_wait(table_bar)
       num_blocks = end - start
 
       def issue(j, slot):
-        token = (start + j) * block_kv
-        entry = token // page_size
-        page = table_smem[entry // t_cols, entry % t_cols]
-        if block_kv == page_size:
-          src = pages_ref.at[page]
-        else:
-          src = pages_ref.at[page, pl.ds(token % page_size, block_kv)]
-        plgpu.copy_gmem_to_smem(src, kv_smem.at[slot], kv_barriers.at[slot])
-        if fp8:
-          plgpu.copy_gmem_to_smem(
-              scales_ref.at[page, pl.ds(token % page_size, block_kv)],
-              scale_smem.at[slot], scale_barriers.at[slot])
+        block = start + j
+
+        # The sequence's last block comes from the wrapper's zero-filled copy:
+        # rows past seq_len may hold anything (NaN, inf), and 0 * NaN in P V is
+        # NaN, so they must never reach the ring.
+        @pl.when(block == last)
+        def _tail():
+          plgpu.copy_gmem_to_smem(tail_ref.at[b], kv_smem.at[slot], kv_barriers.at[slot])
+          if fp8:
+            plgpu.copy_gmem_to_smem(tail_scales_ref.at[b], scale_smem.at[slot],
+                                    scale_barriers.at[slot])
+
+        @pl.when(block != last)
+        def _page():
+          token = block * block_kv
+          entry = token // page_size
+          page = table_smem[entry // t_cols, entry % t_cols]
+          if block_kv == page_size:
+            src = pages_ref.at[page]
+          else:
+            src = pages_ref.at[page, pl.ds(token % page_size, block_kv)]
+          plgpu.copy_gmem_to_smem(src, kv_smem.at[slot], kv_barriers.at[slot])
+          if fp8:
+            plgpu.copy_gmem_to_smem(
+                scales_ref.at[page, pl.ds(token % page_size, block_kv)],
+                scale_smem.at[slot], scale_barriers.at[slot])
 
       for j in range(stages):
         pl.when(j < num_blocks)(functools.partial(issue, j, j))
@@ -219,9 +230,9 @@ def _mla_decode_kernel(
         plgpu.wgmma(acc_ref, p_operand, v_operand)
       return pl.run_state(mma_into)(plgpu.ACC.init(acc))
 
-    def consumer(w: int):
+    def consumer(w):  # w: traced warpgroup index, 0 or 1
       plgpu.set_max_registers(232, action="increase")
-      start, end, seq_len = read_meta()
+      start, end, seq_len, _ = read_meta()
       plgpu.barrier_wait(q_bar)
       num_blocks = end - start
       wgmma_layout = plgpu.Layout.WGMMA
@@ -296,14 +307,16 @@ def _mla_decode_kernel(
             o_smem.at[w],
             out_ref.at[b, split, hb, :, pl.ds(w * half + lo, out_chunk)],
         )
-      if w == 0:
+      @pl.when(w == 0)
+      def _():
         lse_smem[...] = jnp.where(seen, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, split, hb])
       plgpu.wait_smem_to_gmem(0)
 
-    for w in range(NUM_CONSUMERS):
-      pl.when(wg == w)(functools.partial(consumer, w))
+    # One consumer body for both warpgroups (w is the traced warpgroup index): with
+    # one copy per warpgroup, ptxas spilled 20-52 bytes in the second copy's loop.
+    pl.when(wg < NUM_CONSUMERS)(lambda: consumer(wg))
 
   scratch = [
       plgpu.SMEM((block_h, dim), dtype, transforms=tile_transforms),
@@ -329,7 +342,8 @@ def _mla_decode_kernel(
   )
 
 
-def _launch(q_blocks, pages, scales, table, meta, *, config: Config, s_q: int,
+def _launch(q_blocks, pages, scales, tail, tail_scales, table, meta, *, config: Config,
+            s_q: int,
             heads: int, v_dim: int, softmax_scale: float, causal: bool,
             interpret: bool):
   """pallas call: returns float32 partial outputs and LSEs of every split."""
@@ -354,20 +368,59 @@ def _launch(q_blocks, pages, scales, table, meta, *, config: Config, s_q: int,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret.gpu_interpret_params() if interpret else None,
   )
-  return call(q_blocks, pages, scales, table, meta)
+  return call(q_blocks, pages, scales, tail, tail_scales, table, meta)
 
 
-def split_metadata(seq_lens, *, block_kv: int, num_splits: int):
-  """[batch, num_splits, META_LEN] int32: (start block, end block, seq_len, 0...)."""
+def cached_lengths(seq_lens, *, capacity: int):
+  """[batch] int32: cache rows that exist and count, seq_len clipped to [0, capacity]."""
+  return jnp.clip(seq_lens.astype(jnp.int32), 0, capacity)
+
+
+def split_metadata(seq_lens, *, block_kv: int, num_splits: int, capacity: int):
+  """[batch, num_splits, META_LEN] int32: (start block, end block, seq_len, last block, 0...).
+
+  Blocks cover the rows that exist (`cached_lengths`); seq_len itself stays as given
+  for the causal limits.  `capacity` is max_pages * page_size.
+  """
   seq_lens = seq_lens.astype(jnp.int32)
-  num_blocks = (seq_lens + block_kv - 1) // block_kv  # [batch]
+  num_blocks = (cached_lengths(seq_lens, capacity=capacity) + block_kv - 1) // block_kv
   per_split = (num_blocks + num_splits - 1) // num_splits
   split_ids = jnp.arange(num_splits, dtype=jnp.int32)
   start = jnp.minimum(split_ids[None, :] * per_split[:, None], num_blocks[:, None])
   end = jnp.minimum(start + per_split[:, None], num_blocks[:, None])
   meta = jnp.zeros((seq_lens.shape[0], num_splits, META_LEN), jnp.int32)
   meta = meta.at[:, :, 0].set(start).at[:, :, 1].set(end)
-  return meta.at[:, :, 2].set(jnp.broadcast_to(seq_lens[:, None], start.shape))
+  meta = meta.at[:, :, 2].set(jnp.broadcast_to(seq_lens[:, None], start.shape))
+  return meta.at[:, :, 3].set(jnp.broadcast_to(num_blocks[:, None] - 1, start.shape))
+
+
+def tail_blocks(pages, table, seq_lens, page_scales=None, *, block_kv: int):
+  """Each sequence's last cache block with the rows past its length zeroed.
+
+  pages [num_pages, page_size, dim], table [batch, max_pages] (ids in range),
+  seq_lens [batch] -> ([batch, block_kv, dim] in pages.dtype, [batch, block_kv]
+  f32 scales or None).  A select, not a multiply: NaN and inf become exact
+  zeros.  Sequences with no rows get an all-zero block (never read).
+  """
+  _, page_size, dim = pages.shape
+  capacity = table.shape[1] * page_size
+  lens = cached_lengths(seq_lens, capacity=capacity)  # [batch]
+  first = jnp.maximum((lens + block_kv - 1) // block_kv - 1, 0) * block_kv  # token
+  page = jnp.take_along_axis(table, (first // page_size)[:, None], axis=1)[:, 0]
+  offset = first % page_size
+  rows = jnp.arange(block_kv, dtype=jnp.int32)
+  valid = (first[:, None] + rows[None, :]) < lens[:, None]  # [batch, block_kv]
+
+  def one(p, o):
+    return lax.dynamic_slice(pages, (p, o, 0), (1, block_kv, dim))[0]
+
+  tail = jax.vmap(one)(page, offset)
+  tail = jnp.where(valid[:, :, None], tail, jnp.zeros((), pages.dtype))
+  if page_scales is None:
+    return tail, None
+  tail_scales = jax.vmap(
+      lambda p, o: lax.dynamic_slice(page_scales, (p, o), (1, block_kv))[0])(page, offset)
+  return tail, jnp.where(valid, tail_scales, 0.0)
 
 
 def mla_decode_mosaic_gpu(q, pages, block_table, seq_lens, *, softmax_scale: float,
@@ -384,15 +437,20 @@ def mla_decode_mosaic_gpu(q, pages, block_table, seq_lens, *, softmax_scale: flo
   q_blocks = q_rows.reshape(batch, h_blocks, block_h, dim)
 
   max_pages = block_table.shape[1]
-  t_rows, t_cols = _table_shape(max_pages)
-  table = jnp.clip(block_table.astype(jnp.int32), 0, num_pages - 1)
-  table = jnp.pad(table, ((0, 0), (0, t_rows * t_cols - max_pages)))
+  t_rows, t_cols = config_lib.table_shape(max_pages)
+  # Out-of-range ids are clamped so that no copy can leave the cache; entries past a
+  # sequence's length are never read anyway.
+  in_range = jnp.clip(block_table.astype(jnp.int32), 0, num_pages - 1)
+  table = jnp.pad(in_range, ((0, 0), (0, t_rows * t_cols - max_pages)))
   table = table.reshape(batch, t_rows, t_cols)
   meta = split_metadata(seq_lens, block_kv=config.block_kv,
-                        num_splits=config.num_splits)
+                        num_splits=config.num_splits, capacity=max_pages * page_size)
+  tail, tail_scales = tail_blocks(pages, in_range, seq_lens, page_scales,
+                                  block_kv=config.block_kv)
 
   out_parts, lse_parts = _launch(
-      q_blocks, pages, page_scales, table, meta, config=config, s_q=s_q, heads=heads,
+      q_blocks, pages, page_scales, tail, tail_scales, table, meta, config=config, s_q=s_q,
+      heads=heads,
       v_dim=v_dim, softmax_scale=softmax_scale, causal=causal,
       interpret=interpret)
   splits = config.num_splits

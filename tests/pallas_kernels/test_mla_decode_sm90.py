@@ -1,0 +1,79 @@
+"""The MLA decode kernel compiles for H100 (sm_90a) on this CPU machine, as ptxas sees it.
+
+For every shape: ptxas spills nothing to local memory, and the dynamic shared memory the
+launch requests is within the device limit and equal to `config.smem_bytes()` (so the
+heuristic that picks block_kv and stages can trust its own arithmetic).
+
+The default run compiles a covering subset (every h_q, s_q, page size and dtype appears at
+least once); the full product of the grid is marked slow.  Needs the `gpu-compile` extra
+(jax's CUDA plugin and ptxas); skipped, with the reason, where it is not installed.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pallas_kernels.mla_decode import config as config_lib
+from pallas_kernels.mla_decode import sm90_report
+
+MISSING = sm90_report.missing_reason()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"no sm_90a compile: {MISSING}")
+
+HEADS = (1, 16, 64, 128)
+S_Q = (1, 2, 4)
+PAGES = (16, 64, 256)
+DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
+MAX_PAGES = 8
+
+# (dtype, h_q, s_q, page): every value of every axis at least once, the row-heavy
+# shapes (128 heads x 4 tokens = 8 row blocks) and each dtype with several pages.
+COVERING = [
+    ("bfloat16", 1, 1, 16),
+    ("bfloat16", 128, 2, 64),
+    ("bfloat16", 64, 4, 256),
+    ("float16", 16, 4, 64),
+    ("float16", 128, 1, 256),
+    ("float8_e4m3fn", 128, 2, 64),
+    ("float8_e4m3fn", 16, 4, 256),
+    ("float8_e4m3fn", 64, 1, 16),
+]
+FULL = [s for s in itertools.product(DTYPES, HEADS, S_Q, PAGES) if s not in COVERING]
+# Known gap, kept visible: strict, so the day FP8 compiles these turn red until unmarked.
+FP8_DOES_NOT_LOWER = pytest.mark.xfail(
+    strict=True, raises=ValueError,
+    reason="the FP8 cache path does not lower for sm90 yet (NOTES.md); FP8 caches use XLA")
+
+
+def params(shapes):
+  return [pytest.param(*s, marks=FP8_DOES_NOT_LOWER) if s[0] == "float8_e4m3fn" else s
+          for s in shapes]
+
+
+def test_covering_subset_covers_every_axis_value():
+  for axis, values in enumerate((DTYPES, HEADS, S_Q, PAGES)):
+    assert {shape[axis] for shape in COVERING} == set(values)
+
+
+def check_compiles_clean(dtype, heads, s_q, page):
+  reports, config = sm90_report.compile_sm90(
+      s_q=s_q, heads=heads, page_size=page, dtype=dtype, max_pages=MAX_PAGES)
+  (kernel,) = reports
+  expected_smem = config_lib.smem_bytes(
+      config, dim=576, v_dim=512, itemsize=1 if dtype == "float8_e4m3fn" else 2,
+      table_entries=MAX_PAGES, fp8=dtype == "float8_e4m3fn")
+  assert kernel.spill_stores == 0 and kernel.spill_loads == 0, kernel
+  assert kernel.dynamic_smem <= sm90_report.DEVICE_SMEM_LIMIT, kernel
+  assert kernel.dynamic_smem == expected_smem, (kernel, config)
+
+
+@pytest.mark.parametrize("dtype, heads, s_q, page", params(COVERING))
+def test_compiles_for_sm90a_without_spills(dtype, heads, s_q, page):
+  check_compiles_clean(dtype, heads, s_q, page)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, heads, s_q, page", params(FULL))
+def test_compiles_for_sm90a_without_spills_full_grid(dtype, heads, s_q, page):
+  check_compiles_clean(dtype, heads, s_q, page)
