@@ -1,7 +1,8 @@
 """Benchmark MLA decode on FlashMLA's grid.
 
-    python bench/mla_decode.py            # GPU: full grid; CPU: tiny grid
-    python bench/mla_decode.py --quick    # tiny grid (smoke test)
+    python bench/mla_decode.py                # GPU: full grid; CPU: tiny grid
+    python bench/mla_decode.py --quick        # tiny grid (smoke test)
+    python bench/mla_decode.py --grid check --time-budget 200   # bench/gpu_check.sh
 
 Reports microseconds, TFLOPS and GB/s per shape for: the Mosaic GPU kernel
 (`implementation="mosaic_gpu"`, GPU only), the XLA reference path, and JAX's
@@ -100,17 +101,29 @@ def jax_paged_attention(q, pages, table, seq_lens):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--grid", choices=("full", "check", "quick"), default=None,
+                      help="full: FlashMLA's grid (GPU default); check: a 16-shape slice "
+                      "of it for bench/gpu_check.sh; quick: tiny (CPU default)")
+  parser.add_argument("--time-budget", type=float, default=None,
+                      help="seconds; shapes not started by then are listed as skipped")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   dev = jax.devices()[0]
   on_gpu = dev.platform == "gpu"
-  quick = args.quick or not on_gpu
+  grid_name = args.grid or ("full" if on_gpu and not args.quick else "quick")
+  if args.quick or not on_gpu:
+    grid_name = "quick"
+  quick = grid_name == "quick"
   if quick:
     grid = [(2, 1, 16, 256, False), (2, 2, 16, 256, True)]
+  elif grid_name == "check":  # both s_q, smallest and largest h_q, short to long, ragged
+    grid = [(128, s_q, h, L, ragged) for s_q in (1, 2) for h in (16, 128)
+            for L, ragged in ((1024, False), (4096, False), (4096, True), (16384, False))]
   else:
     grid = [(128, s_q, h, L, ragged) for s_q in (1, 2) for h in (16, 32, 64, 128)
             for L in (1024, 2048, 4096, 8192, 16384, 32768)
             for ragged in (False, True)]
+  started = time.perf_counter()
   device_name = dev.device_kind if on_gpu else f"cpu-{dev.device_kind}"
   result = {
       "device": device_name,
@@ -121,10 +134,15 @@ def main():
                if not on_gpu else "GPU run"),
       "copy_bandwidth_GBs": copy_bandwidth_gbs(256 << 20 if on_gpu else 32 << 20),
       "bf16_matmul_TFLOPS": matmul_tflops(8192 if on_gpu else 512),
+      "grid": grid_name,
       "rows": [],
   }
   impls = ["xla"] + (["mosaic_gpu", "jax_paged_attention"] if on_gpu else [])
   for batch, s_q, heads, mean_len, ragged in grid:
+    if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+      result["rows"].append(dict(batch=batch, s_q=s_q, heads=heads, mean_len=mean_len,
+                                 ragged=ragged, skipped="time budget"))
+      continue
     q, pages, table, seq_lens, lens = make_problem(batch, s_q, heads, mean_len, ragged)
     flops, nbytes = flops_and_bytes(lens, s_q, heads)
     for impl in impls:
@@ -150,7 +168,9 @@ def main():
   date = datetime.date.today().isoformat()
   out = args.out or (pathlib.Path(__file__).parent / "results" /
                      f"mla_decode-{device_name.replace(' ', '_')}-{date}.json")
-  pathlib.Path(out).write_text(json.dumps(result, indent=1))
+  tmp = pathlib.Path(f"{out}.tmp")  # nothing half-written
+  tmp.write_text(json.dumps(result, indent=1))
+  tmp.replace(out)
   print(f"copy {result['copy_bandwidth_GBs']:.1f} GB/s, bf16 matmul "
         f"{result['bf16_matmul_TFLOPS']:.2f} TFLOPS -> {out}")
 

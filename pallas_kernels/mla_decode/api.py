@@ -95,9 +95,9 @@ def choose_implementation(implementation, *, q_dtype, pages_dtype, dim, v_dim,
     # register conversion pass does not lower for sm90 yet (see NOTES.md).
     reason = "the FP8 kernel path runs only in interpret mode so far"
   else:
-    block_kv = _default_block_kv(page_size)
+    block_kv = _default_block_kv(page_size, fp8=pages_dtype in FP8_DTYPES)
     reason = mosaic_gpu.unsupported_reason(
-        dim=dim, v_dim=v_dim, page_size=page_size, block_kv=block_kv or 16,
+        dim=dim, v_dim=v_dim, page_size=page_size, block_kv=block_kv or page_size,
         itemsize=2, fp8=pages_dtype in FP8_DTYPES)
   if implementation == "mosaic_gpu":
     if reason is not None:
@@ -110,9 +110,9 @@ def choose_implementation(implementation, *, q_dtype, pages_dtype, dim, v_dim,
   return "xla"
 
 
-def _default_block_kv(page_size: int) -> int | None:
-  for b in (64, 32, 16):
-    if b <= page_size and page_size % b == 0:
+def _default_block_kv(page_size: int, *, fp8: bool) -> int | None:
+  for b in (64, 32):
+    if page_size % b == 0 or (not fp8 and b % page_size == 0):
       return b
   return None
 

@@ -16,7 +16,8 @@ MAX_SPLITS = 64
 class Config:
   """Static tiling of one kernel launch.
 
-  block_kv:   cache tokens per pipeline stage; divides page_size, multiple of 16.
+  block_kv:   cache tokens per pipeline stage, multiple of 32 (each consumer scores
+              half); divides page_size or is a multiple of it.
   num_stages: depth of the TMA ring buffer of cache tiles (>= 1).
   num_splits: split-KV factor (flash-decoding); each CTA handles 1/num_splits of
               one sequence's blocks and a combine step merges the partials.
@@ -31,8 +32,8 @@ class Config:
   out_chunk: int = 64
 
   def __post_init__(self):
-    if self.block_kv % 16 or self.block_kv <= 0 or self.block_kv > 256:
-      raise ValueError(f"{self.block_kv=} must be a multiple of 16 in [16, 256]")
+    if self.block_kv % 32 or self.block_kv <= 0 or self.block_kv > 256:
+      raise ValueError(f"{self.block_kv=} must be a multiple of 32 in [32, 256]")
     if self.num_stages < 1:
       raise ValueError(f"{self.num_stages=} must be >= 1")
     if not 1 <= self.num_splits <= 1024:
@@ -75,7 +76,8 @@ def smem_bytes(config: Config, *, dim: int, v_dim: int, itemsize: int,
   buffers = [
       config.block_h * dim * 2,  # Q tile
       config.num_stages * config.block_kv * dim * itemsize,  # cache ring
-      num_consumers * config.block_h * config.block_kv * 2,  # P
+      2 * config.block_h * config.block_kv * 2,  # P, both consumers' halves, 2 parities
+      2 * num_consumers * config.block_h * 4,  # row maxima / sums exchanged
       num_consumers * config.block_h * out_chunk * 4,  # output staging (f32)
       config.block_h * 4,  # LSE staging
       t_rows * t_cols * 4,  # block-table row
@@ -83,9 +85,10 @@ def smem_bytes(config: Config, *, dim: int, v_dim: int, itemsize: int,
   ]
   if fp8:  # each consumer's bf16 copy of the current tile; per-token scales
     buffers += [num_consumers * config.block_kv * dim * 2, config.num_stages * config.block_kv * 4]
-  if interpret:  # K^T staged for the interpreter
-    buffers.append(num_consumers * config.block_kv * dim * 2)
-  barriers = 3 + config.num_stages * (3 if fp8 else 2)  # setup, kv, [scales], consumed
+  if interpret:  # each consumer's K^T staged for the interpreter
+    buffers.append(config.block_kv * dim * 2)
+  # setup, kv, [scales], consumed; row-max and P exchanges (2 parities each)
+  barriers = 3 + config.num_stages * (3 if fp8 else 2) + 4
   return (sum(_aligned(n) for n in buffers) + REDUCTION_SCRATCH
           + barriers * MBARRIER_BYTES)
 
@@ -113,11 +116,12 @@ def default_config(*, batch: int, s_q: int, heads: int, dim: int, v_dim: int,
                    fp8: bool = False, num_splits: int | None = None) -> Config:
   """Largest block/stage choice that fits in shared memory, then the split."""
   table_entries = max_pages
-  smallest = 32 if fp8 else 16
-  candidates = [b for b in (64, 32, 16)
-                if smallest <= b <= page_size and page_size % b == 0]
+  if fp8:
+    candidates = [b for b in (64, 32) if b <= page_size and page_size % b == 0]
+  else:  # a block may span several pages
+    candidates = [b for b in (64, 32) if page_size % b == 0 or b % page_size == 0]
   if not candidates:
-    raise ValueError(f"{page_size=} must be a multiple of {smallest}")
+    raise ValueError(f"{page_size=} must be a multiple of {32 if fp8 else 16}")
   chosen = None
   for stages in (3, 2):
     for block_kv in candidates:

@@ -8,11 +8,12 @@ heads of all new tokens folded together: row = token * heads + head, padded to
     query tile with TMA, then streams cache tiles (`block_kv` tokens x `dim`)
     of the split into a `num_stages`-deep shared-memory ring, waiting on
     "consumed" barriers before reusing a slot.
-  * warpgroups 0 and 1, the consumers: for every tile, S = Q K^T with wgmma
-    (M = 64 query rows, N = block_kv tokens, K = dim), causal/length masking,
-    online softmax in the exp2 domain, P to shared memory, and O += P V with
-    wgmma where consumer w owns value columns [w*v_dim/2, (w+1)*v_dim/2).
-    Both consumers compute the same S (QK^T is duplicated, see NOTES.md).
+  * warpgroups 0 and 1, the consumers: for every tile, consumer w scores its
+    own half of the keys, S_w = Q K_w^T with wgmma (M = 64 query rows,
+    N = block_kv / 2, K = dim), masks it, exchanges row maxima with the other
+    consumer through shared memory, writes P_w, and after both halves of P are
+    written computes O += P V for its value columns [w*v_dim/2, (w+1)*v_dim/2)
+    over all the block's keys (FlashMLA's split: no Q K^T is computed twice).
 
 The kernel writes float32 partials normalised per split plus their LSE; the
 wrapper merges the splits with `combine.combine_splits`.
@@ -51,11 +52,16 @@ LN2 = math.log(2.0)
 def tile_swizzle(dim: int, block_kv: int, itemsize: int) -> int:
   """Swizzle (bytes) shared by every wgmma operand tile.
 
-  wgmma wants both operands of one product with the same swizzle; P's rows are
-  only block_kv wide, so every tile uses the smaller of the two.
+  wgmma wants both operands of one product with the same swizzle; each
+  consumer's P is only block_kv / 2 keys wide, so every tile uses the smaller.
   """
   return min(plgpu.find_swizzle(dim * itemsize * 8),
-             plgpu.find_swizzle(block_kv * itemsize * 8))
+             plgpu.find_swizzle(block_kv // NUM_CONSUMERS * itemsize * 8))
+
+
+def copies_per_block(page_size: int, block_kv: int) -> int:
+  """TMA copies that fill one ring slot: a block spans block_kv / page_size pages."""
+  return max(1, block_kv // page_size)
 
 
 def unsupported_reason(*, dim: int, v_dim: int, page_size: int, block_kv: int,
@@ -66,11 +72,15 @@ def unsupported_reason(*, dim: int, v_dim: int, page_size: int, block_kv: int,
   if fp8 and dim % 32:
     return (f"an FP8 cache needs {dim=} to be a multiple of 32 (swizzled "
             "32-byte rows of the FP8 ring buffer)")
-  if fp8 and (page_size % 32 or block_kv % 32):
-    return (f"an FP8 cache needs {page_size=} and {block_kv=} multiples of 32 "
-            "(TMA copies of the per-token scales move 128-byte multiples)")
-  if block_kv > page_size or page_size % block_kv:
-    return f"{block_kv=} must divide {page_size=}"
+  if fp8 and (page_size % 32 or block_kv % 32 or block_kv > page_size):
+    return (f"an FP8 cache needs {page_size=} and {block_kv=} multiples of 32, "
+            "block_kv <= page_size (TMA copies of the per-token scales move 128-byte "
+            "multiples)")
+  if block_kv % 32:
+    return (f"{block_kv=} must be a multiple of 32 (each of the {NUM_CONSUMERS} "
+            "consumers scores 16 or more keys)")
+  if page_size % block_kv and block_kv % page_size:
+    return f"{block_kv=} must divide {page_size=} or be a multiple of it"
   if v_dim % NUM_CONSUMERS or v_dim > dim:
     return f"{v_dim=} must be even and <= {dim=}"
   half = v_dim // NUM_CONSUMERS
@@ -106,7 +116,10 @@ def _mla_decode_kernel(
   fp8 = scales_ref is not None
   dim = q_ref.shape[-1]
   block_h, block_kv, stages = config.block_h, config.block_kv, config.num_stages
-  half = v_dim // NUM_CONSUMERS
+  half = v_dim // NUM_CONSUMERS  # value columns per consumer
+  kh = block_kv // NUM_CONSUMERS  # keys per consumer: each scores only its own
+  copies = copies_per_block(page_size, block_kv)
+  chunk = block_kv // copies  # rows per TMA copy
   out_chunk = min(config.out_chunk, half)
   _, t_rows, t_cols = table_ref.shape
   scale_log2 = softmax_scale * LOG2E
@@ -129,16 +142,19 @@ def _mla_decode_kernel(
            kv_smem,  # [stages, block_kv, dim] cache dtype
            deq_smem,  # [NUM_CONSUMERS, block_kv, dim] q dtype (FP8 only) or None
            scale_smem,  # [stages, block_kv] f32 (FP8 only) or None
-           p_smem,  # [NUM_CONSUMERS, block_h, block_kv]
+           p_smem,  # [2, NUM_CONSUMERS, block_h, kh]: P of each consumer's keys, by parity
+           max_smem,  # [2, NUM_CONSUMERS, block_h] f32: row maxima exchanged, by parity
            o_smem,  # [NUM_CONSUMERS, block_h, out_chunk] f32
            lse_smem,  # [block_h] f32
            table_smem,  # [t_rows, t_cols] int32
            meta_smem,  # [META_LEN] int32
-           kt_smem,  # [NUM_CONSUMERS, dim, block_kv] (interpret only) or None
+           kt_smem,  # [NUM_CONSUMERS, dim, kh] (interpret only) or None
            setup_barriers,  # 3 barriers: meta, table, q
-           kv_barriers,  # [stages]: a cache tile landed
+           kv_barriers,  # [stages]: a cache tile landed (`copies` arrivals)
            scale_barriers,  # [stages]: its FP8 scales landed (FP8 only) or None
-           consumed_barriers):  # [stages]: both consumers are done with a tile
+           consumed_barriers,  # [stages]: both consumers are done with a tile
+           max_barriers,  # [2]: both consumers wrote their row maxima
+           p_barriers):  # [2]: both consumers wrote their half of P
     b = lax.axis_index("b")
     split = lax.axis_index("split")
     hb = lax.axis_index("hb")
@@ -167,25 +183,30 @@ def _mla_decode_kernel(
         # NaN, so they must never reach the ring.
         @pl.when(block == last)
         def _tail():
-          plgpu.copy_gmem_to_smem(tail_ref.at[b], kv_smem.at[slot], kv_barriers.at[slot])
+          for i in range(copies):  # as many arrivals as a block of pages
+            rows = pl.ds(i * chunk, chunk)
+            plgpu.copy_gmem_to_smem(tail_ref.at[b, rows], kv_smem.at[slot, rows],
+                                    kv_barriers.at[slot])
           if fp8:
             plgpu.copy_gmem_to_smem(tail_scales_ref.at[b], scale_smem.at[slot],
                                     scale_barriers.at[slot])
 
         @pl.when(block != last)
         def _page():
-          token = block * block_kv
-          entry = token // page_size
-          page = table_smem[entry // t_cols, entry % t_cols]
-          if block_kv == page_size:
-            src = pages_ref.at[page]
-          else:
-            src = pages_ref.at[page, pl.ds(token % page_size, block_kv)]
-          plgpu.copy_gmem_to_smem(src, kv_smem.at[slot], kv_barriers.at[slot])
-          if fp8:
-            plgpu.copy_gmem_to_smem(
-                scales_ref.at[page, pl.ds(token % page_size, block_kv)],
-                scale_smem.at[slot], scale_barriers.at[slot])
+          for i in range(copies):  # a block is part of one page or several pages
+            token = block * block_kv + i * chunk
+            entry = token // page_size
+            page = table_smem[entry // t_cols, entry % t_cols]
+            if chunk == page_size:
+              src = pages_ref.at[page]
+            else:
+              src = pages_ref.at[page, pl.ds(token % page_size, chunk)]
+            plgpu.copy_gmem_to_smem(src, kv_smem.at[slot, pl.ds(i * chunk, chunk)],
+                                    kv_barriers.at[slot])
+            if fp8:  # one copy: FP8 needs page_size >= block_kv (unsupported_reason)
+              plgpu.copy_gmem_to_smem(
+                  scales_ref.at[page, pl.ds(token % page_size, block_kv)],
+                  scale_smem.at[slot], scale_barriers.at[slot])
 
       for j in range(stages):
         pl.when(j < num_blocks)(functools.partial(issue, j, j))
@@ -203,32 +224,44 @@ def _mla_decode_kernel(
         plgpu.barrier_wait(consumed_barriers.at[lax.rem(j, stages)])
 
     def _qk(tile, w):
-      """S [block_h, block_kv] f32 = Q K^T for the cache tile ref `tile`."""
+      """S_w [block_h, kh] f32 = Q K_w^T, K_w = consumer w's keys of the tile ref."""
+      keys = tile.at[pl.ds(w * kh, kh)]
       if interpret:  # transposed wgmma operands are not interpreted: stage K^T
-        kt_smem.at[w][...] = tile[...].T
+        kt_smem.at[w][...] = keys[...].T
         k_operand = kt_smem.at[w]
       else:
-        k_operand = _interpret.transposed(tile)
+        k_operand = _interpret.transposed(keys)
 
       def mma(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, k_operand)
         return acc_ref[...]
 
-      return pl.run_scoped(mma, plgpu.ACC((block_h, block_kv), jnp.float32))
+      return pl.run_scoped(mma, plgpu.ACC((block_h, kh), jnp.float32))
 
-    def _pv(acc, tile, w):
-      """acc + P V for consumer w's value columns of the cache tile ref."""
-      v_operand = tile.at[:, pl.ds(w * half, half)]
-      p_operand = p_smem.at[w]
+    def _pv(acc, tile, w, parity):
+      """acc + P V for consumer w's value columns: both consumers' P, all keys."""
+      operands = [(p_smem.at[parity, c], tile.at[pl.ds(c * kh, kh), pl.ds(w * half, half)])
+                  for c in range(NUM_CONSUMERS)]
       if interpret:  # pl.run_state is not interpreted: add a fresh product
         def mma(acc_ref):
-          plgpu.wgmma(acc_ref, p_operand, v_operand)
+          for p_operand, v_operand in operands:
+            plgpu.wgmma(acc_ref, p_operand, v_operand)
           return acc_ref[...]
         return acc + pl.run_scoped(mma, plgpu.ACC((block_h, half), jnp.float32))
 
       def mma_into(acc_ref):
-        plgpu.wgmma(acc_ref, p_operand, v_operand)
+        for p_operand, v_operand in operands:
+          plgpu.wgmma(acc_ref, p_operand, v_operand)
       return pl.run_state(mma_into)(plgpu.ACC.init(acc))
+
+    def exchange(mine, parity):
+      """Publishes this consumer's row vector, returns the other consumer's."""
+      max_smem.at[parity, wg][...] = mine
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(max_barriers.at[parity])
+      plgpu.barrier_wait(max_barriers.at[parity])
+      return _interpret.load_vector(max_smem.at[parity, 1 - wg],
+                                    plgpu.Layout.WGMMA.reduce(1), interpret=interpret)
 
     def consumer(w):  # w: traced warpgroup index, 0 or 1
       plgpu.set_max_registers(232, action="increase")
@@ -239,8 +272,9 @@ def _mla_decode_kernel(
       row_layout = plgpu.Layout.WGMMA.reduce(1)
       col_layout = plgpu.Layout.WGMMA.reduce(0)
 
-      rows = _interpret.iota((block_h, block_kv), 0, wgmma_layout, interpret=interpret)
-      cols = _interpret.iota((block_h, block_kv), 1, wgmma_layout, interpret=interpret)
+      rows = _interpret.iota((block_h, kh), 0, wgmma_layout, interpret=interpret)
+      cols = _interpret.iota((block_h, kh), 1, wgmma_layout, interpret=interpret)
+      cols = cols + w * kh  # this consumer's keys within a block
       # Which of the s_q new tokens a row belongs to: row = token * heads + head.
       global_row = rows + hb * block_h
       token = jnp.zeros_like(rows)
@@ -258,6 +292,7 @@ def _mla_decode_kernel(
       def step(j, carry):
         acc, m_i, l_i = carry
         slot = lax.rem(j, stages)
+        parity = lax.rem(j, 2)
         plgpu.barrier_wait(kv_barriers.at[slot])
         if fp8:
           # e4m3 -> bf16 is exact; the per-token scale multiplies S's columns
@@ -266,9 +301,9 @@ def _mla_decode_kernel(
           tile = deq_smem.at[w]
           tile[...] = kv_smem.at[slot][...].astype(dtype)
           token_scale = lax.broadcast_in_dim(
-              _interpret.load_vector(scale_smem.at[slot], col_layout,
+              _interpret.load_vector(scale_smem.at[slot, pl.ds(w * kh, kh)], col_layout,
                                      interpret=interpret),
-              (block_h, block_kv), [1])
+              (block_h, kh), [1])
           plgpu.commit_smem()
           plgpu.barrier_arrive(consumed_barriers.at[slot])  # ring slot is free
         else:
@@ -278,22 +313,29 @@ def _mla_decode_kernel(
           s = s * token_scale
         key_pos = cols + (start + j) * block_kv
         s = jnp.where(key_pos < limit, s, -jnp.inf)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
+        # The block's row maximum needs the other consumer's keys too.
+        own_max = s.max(axis=1)
+        m_new = jnp.maximum(m_i, jnp.maximum(own_max, exchange(own_max, parity)))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key seen yet
         alpha = jnp.exp2(m_i - m_safe)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
+        l_i = l_i * alpha + p.sum(axis=1)  # over this consumer's keys only
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         if fp8:
           p = p * token_scale
-        p_smem.at[w][...] = p.astype(dtype)
+        p_smem.at[parity, w][...] = p.astype(dtype)
         plgpu.commit_smem()
-        acc = _pv(acc, tile, w)
+        plgpu.barrier_arrive(p_barriers.at[parity])
+        plgpu.barrier_wait(p_barriers.at[parity])  # both halves of P written
+        acc = _pv(acc, tile, w, parity)
         if not fp8:
           plgpu.barrier_arrive(consumed_barriers.at[slot])
         return acc, m_new, l_i
 
       acc, m_i, l_i = lax.fori_loop(0, num_blocks, step, (acc0, m0, l0))
+      # m_i is the same in both consumers; the softmax denominator is the sum of
+      # their partial sums (parity num_blocks % 2: the slot after the last step's).
+      l_i = l_i + exchange(l_i, lax.rem(num_blocks, 2))
 
       seen = l_i > 0.0
       l_safe = jnp.where(seen, l_i, 1.0)
@@ -324,20 +366,23 @@ def _mla_decode_kernel(
       plgpu.SMEM((NUM_CONSUMERS, block_kv, dim), dtype, transforms=tile_transforms)
       if fp8 else None,
       plgpu.SMEM((stages, block_kv), jnp.float32) if fp8 else None,
-      plgpu.SMEM((NUM_CONSUMERS, block_h, block_kv), dtype, transforms=p_transforms),
+      plgpu.SMEM((2, NUM_CONSUMERS, block_h, kh), dtype, transforms=p_transforms),
+      plgpu.SMEM((2, NUM_CONSUMERS, block_h), jnp.float32),
       plgpu.SMEM((NUM_CONSUMERS, block_h, out_chunk), jnp.float32),
       plgpu.SMEM((block_h,), jnp.float32),
       plgpu.SMEM((t_rows, t_cols), jnp.int32),
       plgpu.SMEM((META_LEN,), jnp.int32),
-      plgpu.SMEM((NUM_CONSUMERS, dim, block_kv), dtype) if interpret else None,
+      plgpu.SMEM((NUM_CONSUMERS, dim, kh), dtype) if interpret else None,
   ]
   pl.run_scoped(
       lambda *refs: body(*refs),
       *scratch,
       plgpu.Barrier(num_barriers=3),
-      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages) if fp8 else None,
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=2),
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=2),
       collective_axes="wg",
   )
 
@@ -402,25 +447,20 @@ def tail_blocks(pages, table, seq_lens, page_scales=None, *, block_kv: int):
   f32 scales or None).  A select, not a multiply: NaN and inf become exact
   zeros.  Sequences with no rows get an all-zero block (never read).
   """
-  _, page_size, dim = pages.shape
+  page_size = pages.shape[1]
   capacity = table.shape[1] * page_size
   lens = cached_lengths(seq_lens, capacity=capacity)  # [batch]
-  first = jnp.maximum((lens + block_kv - 1) // block_kv - 1, 0) * block_kv  # token
-  page = jnp.take_along_axis(table, (first // page_size)[:, None], axis=1)[:, 0]
-  offset = first % page_size
-  rows = jnp.arange(block_kv, dtype=jnp.int32)
-  valid = (first[:, None] + rows[None, :]) < lens[:, None]  # [batch, block_kv]
-
-  def one(p, o):
-    return lax.dynamic_slice(pages, (p, o, 0), (1, block_kv, dim))[0]
-
-  tail = jax.vmap(one)(page, offset)
+  first = jnp.maximum((lens + block_kv - 1) // block_kv - 1, 0) * block_kv  # [batch]
+  token = first[:, None] + jnp.arange(block_kv, dtype=jnp.int32)[None, :]  # [batch, bkv]
+  valid = token < lens[:, None]
+  # Rows past the table (a block may overhang it) are clamped here, zeroed below.
+  page = jnp.take_along_axis(table, token // page_size, axis=1, mode="clip")
+  offset = token % page_size
+  tail = pages[page, offset]  # [batch, block_kv, dim]
   tail = jnp.where(valid[:, :, None], tail, jnp.zeros((), pages.dtype))
   if page_scales is None:
     return tail, None
-  tail_scales = jax.vmap(
-      lambda p, o: lax.dynamic_slice(page_scales, (p, o), (1, block_kv))[0])(page, offset)
-  return tail, jnp.where(valid, tail_scales, 0.0)
+  return tail, jnp.where(valid, page_scales[page, offset], 0.0)
 
 
 def mla_decode_mosaic_gpu(q, pages, block_table, seq_lens, *, softmax_scale: float,

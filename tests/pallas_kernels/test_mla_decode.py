@@ -65,7 +65,8 @@ GRID = [
     Case("b1_sq2_h1_split4_empty_splits", lens=(P + 2,), s_q=2, heads=1,
          num_splits=4),
     Case("b1_sq2_h40_two_row_blocks", lens=(3 * P - 1,), s_q=2, heads=40),
-    Case("b2_sq1_h3_page32_block16", lens=(70, 33), page_size=32, block_kv=16),
+    Case("b2_sq1_h3_page64_block32", lens=(140, 33), page_size=64, block_kv=32),
+    Case("b2_sq2_h3_page16_block64_four_pages", lens=(70, 33), s_q=2, block_kv=64),
     Case("b2_sq2_h3_noncausal", lens=(P + 5, 2), s_q=2, causal=False),
     Case("b2_sq1_h16_fp16", lens=(3 * P + 1, P - 1), heads=16, dtype="float16"),
     Case("b2_sq2_h3_fp8_split2", lens=(3 * 32 + 5, 31), s_q=2, page_size=32,
@@ -74,6 +75,11 @@ GRID = [
 SLOW = [
     Case("b2_sq2_h16_deepseek_dims", lens=(200, 64), s_q=2, heads=16,
          page_size=64, dim=576, v_dim=512),
+    Case("b3_sq2_h64_zero_len", lens=(0, 2 * P + 5, 1), s_q=2, heads=64),
+    Case("b2_sq4_h128_eight_row_blocks", lens=(3 * P + 2, 3), s_q=4, heads=128,
+         num_splits=2),
+    Case("b2_sq1_h128_deepseek_dims", lens=(130, 0), heads=128, page_size=64, dim=576,
+         v_dim=512),
 ]
 
 
@@ -342,7 +348,7 @@ def test_validation_page_scales_and_v_dim():
                               page_scales=jnp.ones((1, 1)))
   with pytest.raises(ValueError, match=r"v_dim=100 must be in \[1, 80\]"):
     pallas_kernels.mla_decode(**args, softmax_scale=0.1, v_dim=100)
-  with pytest.raises(ValueError, match=r"block_kv=24 must be a multiple of 16"):
+  with pytest.raises(ValueError, match=r"block_kv=24 must be a multiple of 32"):
     Config(block_kv=24, num_stages=2)
   with pytest.raises(ValueError, match=r"page_size=12 must be a multiple of 16"):
     small = {**args, "pages": args["pages"][:, :12]}
