@@ -4,7 +4,10 @@ A token x is compressed to one latent row shared by all heads: `c_kv` (kv_lora_r
 a rotary key `k_rope` (qk_rope_head_dim, rotated). `kv_b_proj` expands c_kv per head into the no-rope
 key (W_UK) and the value (W_UV).
 
-* expanded form (prefill, training): materialise K, V per head, then ordinary attention.
+* expanded form (prefill, training): materialise K, V per head, then ordinary attention. Two
+  computations of it: `expanded_attention` with dense [B,N,T,S] scores (the reference, any mask),
+  and `flash_attention`, the memory-bounded causal one over packed segments that training and the
+  model's default forward use (`mla_jax.ops.attention` picks its implementation by target).
 * absorbed form (decode): fold W_UK into the query (q_lat = q_nope·W_UK), score directly against the
   latent rows, attend over c_kv, apply W_UV after. Scores equal the expanded ones by associativity.
 
@@ -20,17 +23,11 @@ from flax import nnx
 
 from mla_jax.config import Config
 from mla_jax.layers import Linear, OutProj, RMSNorm
+from mla_jax.ops import attention as ops_attention
+from mla_jax.ops.attention import masked_softmax, visible
 from mla_jax.rope import apply_rope
 
-
-def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax over the last axis in float32; rows with no visible key give zeros, never NaN."""
-    scores = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    return p / jnp.where(denom > 0, denom, 1.0)
+FORMS = ("expanded", "dense", "absorbed")
 
 
 def expanded_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale):
@@ -46,6 +43,28 @@ def expanded_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale):
     scores += jnp.einsum("BTNR,BSR->BNTS", q_rope, k_rope, preferred_element_type=f32)
     probs = masked_softmax(scores * scale, mask[:, None])
     return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
+
+
+def expand_keys(c_kv, k_rope, w_uk, w_uv):
+    """Latents c_kv [B,S,C], k_rope [B,S,R] -> per-head keys [B,S,N,H+R] (rope key shared) and values [B,S,N,Hv]."""
+    k_nope = jnp.einsum("BSC,CNH->BSNH", c_kv, w_uk)
+    k_rope = jnp.broadcast_to(k_rope[:, :, None, :].astype(k_nope.dtype), (*k_nope.shape[:3], k_rope.shape[-1]))
+    return jnp.concatenate([k_nope, k_rope], axis=-1), jnp.einsum("BSC,CNH->BSNH", c_kv, w_uv)
+
+
+def join_query(q_nope, q_rope):
+    """q_nope [B,T,N,H], q_rope [B,T,N,R] -> [B,T,N,H+R], matching `expand_keys`."""
+    return jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
+
+
+def flash_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, segment_ids, scale, *, implementation=None):
+    """Causal expanded attention within segments [B,T] (None: one sequence), memory O(T·block).
+
+    The same function as `expanded_attention` under `mla_jax.model.attention_mask(segment_ids)`.
+    """
+    k, v = expand_keys(c_kv, k_rope, w_uk, w_uv)
+    return ops_attention.attention(join_query(q_nope, q_rope), k, v, segment_ids, scale=scale,
+                                   implementation=implementation)
 
 
 def absorb_query(q_nope, w_uk):
@@ -113,12 +132,23 @@ class MLA(nnx.Module):
         k_rope = apply_rope(kv[..., self.config.kv_lora_rank :], sin, cos, interleave=self.config.rope_interleave)
         return c_kv, k_rope
 
-    def __call__(self, x, sin, cos, mask, *, form: str = "expanded"):
-        """Self-attention of x [B,T,D] over itself under mask [B,T,T]; returns [B,T,D]."""
+    def __call__(self, x, sin, cos, segment_ids=None, *, form: str = "expanded"):
+        """Causal self-attention of x [B,T,D] within segments [B,T] (0 = padding); returns [B,T,D].
+
+        form: "expanded" (memory-bounded, implementation by target), "dense" (expanded with dense
+        scores: the reference) or "absorbed" (dense, over the latent).
+        """
+        if form not in FORMS:
+            raise ValueError(f"form={form!r}; expected one of {FORMS}")
         q_nope, q_rope = self.queries(x, sin, cos)
         c_kv, k_rope = self.latents(x, sin, cos)
-        attend = {"expanded": expanded_attention, "absorbed": absorbed_attention}.get(form)
-        if attend is None:
-            raise ValueError(f"form={form!r}; expected 'expanded' or 'absorbed'")
-        out = attend(q_nope, q_rope, c_kv, k_rope, self.w_uk, self.w_uv, mask, self.config.softmax_scale)
-        return self.o_proj(out)
+        args = (q_nope, q_rope, c_kv, k_rope, self.w_uk, self.w_uv)
+        scale = self.config.softmax_scale
+        if form == "expanded":
+            return self.o_proj(flash_attention(*args, segment_ids, scale))
+        b, t = x.shape[:2]
+        segments = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        index = jnp.arange(t)
+        mask = visible(index, index, segments, segments)
+        attend = expanded_attention if form == "dense" else absorbed_attention
+        return self.o_proj(attend(*args, mask, scale))

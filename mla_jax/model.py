@@ -219,7 +219,8 @@ class Transformer(nnx.Module):
         """tokens [B,T] int -> float32 logits [B,T,V] (and, with return_aux, the router stats).
 
         positions [B,T] default to 0..T-1 (restart them per document when packing); segment_ids [B,T]
-        keep packed documents apart (0 = padding); `attention_form` is "expanded" or "absorbed".
+        keep packed documents apart (0 = padding); `attention_form` is "expanded" (memory-bounded),
+        "dense" (its dense-scores reference) or "absorbed".
         With return_aux, also {scores [L,M,E], experts [L,M,K], load [L,E]} over the L MoE layers
         in order (M = B·T tokens), or None for a model without MoE layers.
         """
@@ -227,10 +228,9 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         sin, cos = sin_cos(self.config, positions)
-        mask = attention_mask((b, t), segment_ids)
 
         def attend(layer, mla, x, sin, cos, carry):
-            return mla(x, sin, cos, mask, form=attention_form), carry
+            return mla(x, sin, cos, segment_ids, form=attention_form), carry
 
         h, _, aux = self.run_layers(self.embed(tokens), sin, cos, attend, moe_reference=moe_reference)
         logits = self.logits(h)

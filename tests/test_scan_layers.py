@@ -18,7 +18,7 @@ from flax import nnx
 
 from mla_jax import Config, Transformer
 from mla_jax.generate import lower_decode_step
-from mla_jax.model import LayerRun, attention_mask, checkpoint_paths, layer_runs, model_path
+from mla_jax.model import LayerRun, checkpoint_paths, layer_runs, model_path
 from mla_jax.rope import sin_cos
 from mla_jax.weights import abstract_model, model_variables
 
@@ -77,13 +77,12 @@ def unrolled(model, tokens):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     sin, cos = sin_cos(model.config, positions)
-    mask = attention_mask((b, t), None)
     h, loads = model.embed(tokens), []
     for stack, run in zip(model.stacks, layer_runs(model.config)):
         graphdef, state = nnx.split(stack)
         for j in range(run.count):
             layer = nnx.merge(graphdef, jax.tree.map(lambda x: x[j], state))
-            h, _, aux = layer(run.first + j, h, sin, cos, lambda i, mla, x, s, c, carry: (mla(x, s, c, mask), carry), None)
+            h, _, aux = layer(run.first + j, h, sin, cos, lambda i, mla, x, s, c, carry: (mla(x, s, c, None), carry), None)
             if aux is not None:
                 loads.append(aux["load"])
     return model.logits(h), jnp.stack(loads)
