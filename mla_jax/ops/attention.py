@@ -226,8 +226,15 @@ def _mosaic_applies() -> bool:
     return device.platform == "gpu" and capability is not None and 9.0 <= float(capability) < 11.0
 
 
+def _tokamax_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tokamax") is not None
+
+
 def _gpu(q, k, v, segment_ids, scale, block):
-    if _mosaic_applies():
+    # tokamax is an optional extra (`pip install -e ".[gpu]"`): without it a GPU runs `blockwise`.
+    if _mosaic_applies() and _tokamax_installed():
         return mosaic_gpu(q, k, v, segment_ids, scale=scale)
     # Not a Hopper/Blackwell default device at trace time (see the module docstring).
     return blockwise(q, k, v, segment_ids, scale=scale, block=block)
