@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "checkpoints.cli",
     "mla_jax.training.cli",
     "mla_jax.generate_cli",
+    "mla_jax.parallel.cli",
 ]
 DEBUG_ENV = "MLA_JAX_DEBUG"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130

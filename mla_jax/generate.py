@@ -217,11 +217,15 @@ def _executable(fn, graphdef, args, statics: dict):
 
 def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size: int = kv.DEFAULT_PAGE_SIZE,
                       cache_dtype=jnp.bfloat16, implementation: str = "xla", sampling: Sampling = Sampling(),
-                      device: jax.Device | None = None) -> jax.stages.Lowered:
+                      device: jax.Device | None = None, place=None) -> jax.stages.Lowered:
     """The decode step for `batch` sequences of up to `context` cached tokens, lowered for `device`
     (default: the first local one) without allocating anything: `model` may be abstract
     (`mla_jax.weights.abstract_model`) and `device` a GPU topology device on a machine without a
-    GPU (../shared/GPU_AOT.md). `.compile()` it to see memory, HLO and compile time."""
+    GPU (../shared/GPU_AOT.md). `.compile()` it to see memory, HLO and compile time.
+
+    `place`, if given, lays the step out on several devices instead: called with the abstract
+    arguments (state, cache, tokens, done, key, stop), it returns a matching tree of shardings
+    (e.g. NamedShardings over a mesh of topology devices; see `mla_jax.parallel.plan`)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
     graphdef, state = nnx.split(model)
@@ -232,9 +236,13 @@ def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size
     done = jax.ShapeDtypeStruct((batch,), jnp.bool_)
     key = jax.eval_shape(lambda: jax.random.key(0))
     stop = jax.ShapeDtypeStruct((1,), jnp.int32)
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        (state, cache, tokens, done, key, stop))
+    args = (state, cache, tokens, done, key, stop)
+    if place is None:
+        single = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+        shardings = jax.tree.map(lambda _: single, args)
+    else:
+        shardings = place(args)
+    args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), args, shardings)
     step = functools.partial(_decode, graphdef, sampling=sampling, implementation=implementation)
     return jax.jit(step, donate_argnums=(1,)).trace(*args).lower()
 

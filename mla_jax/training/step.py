@@ -203,6 +203,11 @@ class Trainer:
     def abstract_state(self) -> dict:
         return jax.eval_shape(self.init_state)
 
+    def lower_step(self, state: dict, batch: dict) -> jax.stages.Lowered:
+        """The step lowered for abstract `state` and `batch` (ShapeDtypeStructs, shardings included):
+        `.compile()` it for its memory and HLO without allocating (`mla_jax.parallel.plan`)."""
+        return self._step_fn.trace(state, self.frozen, batch).lower()
+
     def model(self, state: dict) -> Transformer:
         """The trained model (LoRA merged into the kernels, router biases as updated)."""
         return self.spec.layout.merge(self.spec.weights(state["params"], self.frozen), state["bias"])
