@@ -38,7 +38,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin registers only so without a driver
+    if not os.environ.get("JAX_PLATFORMS"):
+        # Nothing runs on a device; without a GPU driver the CUDA plugin registers only this way.
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
     from mla_jax.errors import UsageError
     from mla_jax.parallel.plan import format_plan, plan
 

@@ -201,6 +201,14 @@ def weight_specs(model, mesh: Mesh) -> list[PartitionSpec]:
     return specs
 
 
+@functools.lru_cache(maxsize=4)
+def _abstract_model(config: Config, dtype_name: str):
+    """The model's shapes (built once per config: a V3 takes seconds to trace); never mutated here."""
+    from mla_jax.weights import abstract_model
+
+    return abstract_model(config, jnp.dtype(dtype_name))
+
+
 def shard_bytes(shape, dtype, sharding: NamedSharding) -> int:
     return math.prod(sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
 
@@ -260,10 +268,8 @@ class Plan:
 def count_plan(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict[str, int], *, batch: int,
                context: int, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16, name: str = "") -> Plan:
     """Bytes per device from the arrays' shapes alone (no compilation, no devices)."""
-    from mla_jax.weights import abstract_model
-
     mesh = AbstractMesh(tuple(axes[a] for a in MESH_AXES), MESH_AXES)
-    model = abstract_model(config, fmt.dtype)
+    model = _abstract_model(config, np.dtype(fmt.dtype).name)
     weights = layout_bytes([leaf for _, _, leaf in _model_names(model)], weight_specs(model, mesh), mesh)
     cache = abstract_cache(config, batch, context, page_size, cache_dtype)
     cache_bytes = layout_bytes(jax.tree.leaves(cache), jax.tree.leaves(cache_specs(cache)), mesh)
@@ -316,11 +322,10 @@ def compile_decode(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: d
                    implementation: str = "xla"):
     """The decode step compiled for `cluster` under the mesh `axes` (nothing allocated)."""
     from mla_jax import generate
-    from mla_jax.weights import abstract_model
 
     _ptxas_on_path()
     mesh = make_mesh(axes, topology_devices(cluster))
-    model = abstract_model(config, fmt.dtype)
+    model = _abstract_model(config, np.dtype(fmt.dtype).name)
     lowered = generate.lower_decode_step(model, batch, context, page_size=page_size, cache_dtype=cache_dtype,
                                          implementation=implementation, place=decode_placement(model, mesh))
     return lowered.compile()
@@ -423,10 +428,9 @@ def abstract_train(config: Config, fmt: WeightsFormat, *, batch: int, seq_len: i
     every parameter, AdamW's moments, the routers' biases; weights computed in `fmt`."""
     from mla_jax.training.config import TrainConfig
     from mla_jax.training.step import Trainer
-    from mla_jax.weights import abstract_model
 
     tc = TrainConfig(seq_len=seq_len, batch_size=batch, param_dtype=np.dtype(fmt.dtype).name)
-    trainer = Trainer(abstract_model(config, fmt.dtype), tc)
+    trainer = Trainer(_abstract_model(config, np.dtype(fmt.dtype).name), tc)
     f32 = lambda tree: {n: jax.ShapeDtypeStruct(v.shape, jnp.float32) for n, v in tree.items()}  # noqa: E731
     params = f32(trainer._base)
     state = {"params": params, "bias": f32(trainer._rest), "opt": jax.eval_shape(trainer.optimizer.init, params),

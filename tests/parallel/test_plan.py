@@ -1,0 +1,198 @@
+"""`mla-jax plan`: per-device bytes equal a hand count from the config's dimensions; V3 in bf16
+does not fit one 8×H200 node, by a stated amount; the compiler agrees with the count.
+
+Hand counts read the preset JSON files (DeepSeek's own config.json fields) and the sharding rule
+stated in `mla_jax.sharding`: on a mesh `model=M`, the routed experts (E) and the head-indexed
+attention projections (q_proj / q_b_proj / kv_b_proj over N, o_proj over N) are split M ways;
+everything else, and the latent cache (shared by all heads), is held whole by every device.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import pytest
+
+from mla_jax.cli import main
+from mla_jax.errors import UsageError
+from mla_jax.parallel import plan as pl
+
+PRESETS = pathlib.Path(__file__).resolve().parents[2] / "mla_jax" / "presets"
+# Device memory as CUDA reports it (the GPU target descriptions' device_memory_size)
+H100_BYTES = 84_942_979_072  # H100 SXM 80GB: 79.1 GiB
+H200_BYTES = 143_771 * 2**20  # H200 SXM: 140.4 GiB
+GIB = 2**30
+
+
+def preset(name: str) -> dict:
+    return json.loads((PRESETS / f"{name}.json").read_text())
+
+
+def hand_count(c: dict, model_axis: int) -> int:
+    """bf16 weight bytes one device holds, from config.json's fields (+ float32 router biases)."""
+    d, v, n_layers, n = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"], c["num_attention_heads"]
+    nope, rope, vh, lat = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+    ql, e, f = c["q_lora_rank"], c["n_routed_experts"], c["moe_intermediate_size"]
+    dense = c["first_k_dense_replace"]
+    moe = n_layers - dense
+    # attention, per layer: [whole] and [split over heads]
+    q_whole = d * ql + ql if ql else 0  # q_a_proj, q_a_layernorm
+    q_split = (ql or d) * n * (nope + rope)  # q_b_proj [q_lora, N, nope+rope] or q_proj [D, N, ...]
+    attn_whole = q_whole + d * (lat + rope) + lat + 2 * d  # kv_a_proj_with_mqa, kv_a_layernorm, 2 norms
+    attn_split = q_split + lat * n * (nope + vh) + n * vh * d  # kv_b_proj, o_proj
+    whole = 2 * v * d + d  # embed, lm_head, final norm
+    whole += n_layers * attn_whole + dense * 3 * d * c["intermediate_size"]
+    whole += moe * (e * d + 3 * d * f * c["n_shared_experts"])  # router gate, shared experts
+    split = n_layers * attn_split + moe * 3 * e * d * f  # routed experts [E, D, F] x3
+    bias = moe * e * 4 if c["topk_method"] == "noaux_tc" else 0  # e_score_correction_bias, float32
+    return 2 * (whole + split // model_axis) + bias
+
+
+def cache_hand_count(c: dict, batch: int, context: int, page: int = 64) -> int:
+    """bf16 latent rows (kv_lora_rank + rope dim) per layer and token, + int32 block table and lengths."""
+    rows = c["num_hidden_layers"] * batch * context * (c["kv_lora_rank"] + c["qk_rope_head_dim"])
+    return 2 * rows + 4 * batch * (context // page) + 4 * batch
+
+
+def test_v2_lite_on_one_h100_is_the_hand_count():
+    p = pl.plan("deepseek-v2-lite", "h100x1", batch=32, context=4096, compile=False)
+    c = preset("deepseek-v2-lite")
+    assert p.mesh == {"data": 1, "model": 1}
+    assert p.weights == hand_count(c, 1) == 2 * 15_706_484_224  # V2-Lite's 15.7B parameters
+    assert p.cache == cache_hand_count(c, 32, 4096)
+    assert p.device_memory == H100_BYTES
+    assert p.fits
+
+
+def test_v3_bf16_on_8_h200_is_the_hand_count_and_does_not_fit():
+    p = pl.plan("deepseek-v3", "h200x8", batch=32, context=4096, compile=False)
+    c = preset("deepseek-v3")
+    assert p.mesh == {"data": 1, "model": 8} and p.mesh_proposed
+    assert p.weights == hand_count(c, 8)
+    assert p.cache == cache_hand_count(c, 32, 4096)
+    missing = hand_count(c, 8) + cache_hand_count(c, 32, 4096) - H200_BYTES
+    assert missing > 30 * GIB
+    assert not p.fits and p.margin == -missing
+    assert f"does NOT fit: {missing / GIB:.2f} GiB more per device needed" in pl.format_plan(p)
+
+
+def test_a_forced_mesh_splits_the_cache_by_batch():
+    c = preset("deepseek-v3")
+    p = pl.plan("deepseek-v3", "2xh200x8", batch=32, context=4096, mesh="data=2,model=8", compile=False)
+    assert p.weights == hand_count(c, 8)
+    assert p.cache == cache_hand_count(c, 16, 4096)
+
+
+def test_full_fine_tuning_holds_float32_masters_and_two_adam_moments():
+    p = pl.plan("deepseek-v2-lite", "h100x1", batch=4, train_seq_len=1024, compile=False).train
+    params = (hand_count(preset("deepseek-v2-lite"), 1)) // 2
+    assert p.weights == 4 * params
+    # mu and nu; int32 step counters of Adam, the schedule and the trainer; the PRNG key (2 x uint32)
+    assert p.optimizer == 2 * 4 * params + 3 * 4 + 8
+
+
+def test_bad_arguments_say_what_was_expected():
+    with pytest.raises(UsageError, match=r"--gpus 'a100x8'.*h100x1, h200x8, 2xh200x8"):
+        pl.plan("deepseek-v3", "a100x8", compile=False)
+    with pytest.raises(UsageError, match=r"--mesh data=1,model=4 has 4 devices; --gpus h200x8 has 8"):
+        pl.plan("deepseek-v3", "h200x8", mesh="model=4", compile=False)
+    with pytest.raises(UsageError, match=r"--mesh 'tensor=8'.*got 'tensor=8'"):
+        pl.plan("deepseek-v3", "h200x8", mesh="tensor=8", compile=False)
+    with pytest.raises(UsageError, match=r"--weights fp8: the model cannot hold fp8 weights yet"):
+        pl.plan("deepseek-v3", "h200x8", weights="fp8", compile=False)
+    with pytest.raises(UsageError, match=r"no such config file"):
+        pl.plan("/nonexistent/config.json", "h200x8", compile=False)
+
+
+def test_the_command_prints_each_line_per_device(capsys):
+    assert main(["plan", "deepseek-v3", "--gpus", "h200x8", "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    c = preset("deepseek-v3")
+    assert "mesh data=1,model=8  (proposed" in out
+    assert re.search(rf"weights +{hand_count(c, 8) / GIB:.2f} GiB", out)
+    assert re.search(rf"cache +{cache_hand_count(c, 32, 4096) / GIB:.2f} GiB", out)
+    assert "does NOT fit" in out
+
+
+def test_the_command_refuses_train_without_a_sequence_length(capsys):
+    assert main(["plan", "deepseek-v2-lite", "--gpus", "h100x1", "--train", "--no-compile"]) == 1
+    assert "--train needs --seq-len N" in capsys.readouterr().err
+
+
+HLO = """\
+%body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %p = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %x = bf16[4,8]{1,0} get-tuple-element(%p), index=1
+  %all-reduce-start = bf16[4,8]{1,0} all-reduce-start(%x), channel_id=1, to_apply=%add
+  %all-reduce-done = bf16[4,8]{1,0} all-reduce-done(%all-reduce-start)
+  ROOT %t = (s32[], bf16[4,8]{1,0}) tuple(%i, %all-reduce-done)
+}
+
+ENTRY %main (a: bf16[4,8]) -> bf16[16,8] {
+  %w = (s32[], bf16[4,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"61"}}
+  %ag = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(%a), channel_id=2, dimensions={0}
+  ROOT %agd = bf16[16,8]{1,0} all-gather-done(%ag)
+}
+"""
+
+
+def test_collectives_count_once_per_loop_trip():
+    assert pl.collectives(HLO) == {"all-reduce": {"count": 61, "bytes": 61 * 4 * 8 * 2},
+                                   "all-gather": {"count": 1, "bytes": 16 * 8 * 2}}
+
+
+def _cuda_plugin() -> bool:
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_plugin = pytest.mark.skipif(not _cuda_plugin(), reason="needs the CUDA compile-only plugin (extra gpu-compile)")
+
+
+SMALL_INPUTS = lambda batch: batch * 4 + batch + 8 + 4  # noqa: E731  tokens int32, done bool, key, stop [1] int32
+
+
+@needs_plugin
+def test_compiled_on_two_h100s_the_compiler_takes_the_counted_bytes_and_reduces_over_heads(tmp_path):
+    c = {**preset("deepseek-v3"), "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+         "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+         "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+         "n_routed_experts": 8, "num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2}
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    p = pl.plan(str(tmp_path), "h100x2", batch=4, context=128, mesh="model=2")
+    # XLA's arguments per device: the counted weights and cache + the small per-step inputs.
+    assert p.arguments == hand_count(c, 2) + cache_hand_count(c, 4, 128) + SMALL_INPUTS(4)
+    assert p.aliased == cache_hand_count(c, 4, 128)  # the cache is donated: updated in place
+    assert p.temporaries > 0 and p.fits
+    # o_proj's heads are split over `model`: every layer sums its partial outputs across devices.
+    reductions = sum(p.collectives.get(op, {}).get("count", 0) for op in ("all-reduce", "reduce-scatter"))
+    assert reductions >= c["num_hidden_layers"]
+
+
+@pytest.mark.slow
+@needs_plugin
+def test_compiled_v2_lite_on_one_h100_takes_the_counted_arguments_and_fits():
+    p = pl.plan("deepseek-v2-lite", "h100x1", batch=32, context=4096)
+    c = preset("deepseek-v2-lite")
+    assert p.arguments == hand_count(c, 1) + cache_hand_count(c, 32, 4096) + SMALL_INPUTS(32)
+    assert p.aliased == cache_hand_count(c, 32, 4096)
+    assert 0 < p.temporaries < 2 * GIB and p.fits
+    assert p.collectives == {}  # one device
+
+
+@pytest.mark.slow
+@needs_plugin
+def test_compiled_v3_bf16_on_8_h200_does_not_fit_and_reduces_over_heads_every_layer():
+    p = pl.plan("deepseek-v3", "h200x8", batch=32, context=4096)
+    c = preset("deepseek-v3")
+    counted = hand_count(c, 8) + cache_hand_count(c, 32, 4096)
+    assert p.arguments == counted + SMALL_INPUTS(32)
+    assert not p.fits and p.margin <= H200_BYTES - counted
+    # o_proj's heads are split over `model`: every layer sums its partial outputs across devices.
+    reductions = sum(p.collectives.get(op, {}).get("count", 0) for op in ("all-reduce", "reduce-scatter"))
+    assert reductions >= c["num_hidden_layers"]
