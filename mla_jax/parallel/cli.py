@@ -44,15 +44,19 @@ def run(args: argparse.Namespace) -> int:
 
         jax.config.update("jax_platforms", "cpu")
     from mla_jax.errors import UsageError
+    from mla_jax.generate_cli import _as_option
     from mla_jax.parallel.plan import format_plan, plan
 
     if args.train and args.seq_len is None:
         raise UsageError("--train needs --seq-len N (tokens per training row)")
     if args.seq_len is not None and not args.train:
         raise UsageError("--seq-len is for --train")
-    result = plan(args.model, args.gpus, weights=args.weights, batch=args.batch, context=args.context,
-                  mesh=args.mesh, train_seq_len=args.seq_len if args.train else None,
-                  compile=not args.no_compile, page_size=args.page_size, cache_dtype=args.cache_dtype,
-                  implementation=args.implementation)
+    try:
+        result = plan(args.model, args.gpus, weights=args.weights, batch=args.batch, context=args.context,
+                      mesh=args.mesh, train_seq_len=args.seq_len if args.train else None,
+                      compile=not args.no_compile, page_size=args.page_size, cache_dtype=args.cache_dtype,
+                      implementation=args.implementation)
+    except UsageError as e:  # "batch=0; expected ..." -> "--batch 0: expected ..."
+        raise UsageError(_as_option(str(e))) from None
     print(format_plan(result))
     return 0

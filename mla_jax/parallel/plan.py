@@ -576,7 +576,7 @@ def _section(title: str, p: Plan) -> list[str]:
                    f"({p.peak / p.device_memory:.2f}x the device's memory)")
     if p.compiled:
         if p.collectives:
-            out.append("collectives per step, per device (optimized HLO, loops unrolled by their trip counts):")
+            out.append("collectives per step, per device (optimized HLO; an op in a loop counts once per trip):")
             out += [f"  {op:<20} {v['count']:6,} x, {_bytes(v['bytes'])} in all" for op, v in sorted(p.collectives.items())]
         else:
             out.append("collectives per step: none")
