@@ -18,7 +18,8 @@ and the attention heads (N); `data` splits the batch and the cache pages. MLA's 
 shared by all heads, so tensor parallelism cannot split it: under `model` it is replicated. With no
 mesh given, the plan proposes the split with the fewest bytes per device by counting.
 
-Bytes per parameter come from the weights format (`WEIGHT_FORMATS`); quantized formats plug in there.
+Bytes per parameter are never assumed: they are counted from the arrays of the model built in the
+weights format (`WEIGHT_FORMATS`), so a quantized format (values + scales) plugs in there.
 
 Dimensions: B batch, T tokens per cached sequence (context), L layers, P pages, S page size.
 """
@@ -101,16 +102,19 @@ def parse_gpus(text: str) -> Cluster:
 # ------------------------------------------------------------------------ weights formats
 @dataclasses.dataclass(frozen=True)
 class WeightsFormat:
-    """How parameters are stored on the device: the dtype the model is built in and its bytes."""
+    """How parameters are stored on the device: the dtype the model is built (and computes) in."""
 
     name: str
     dtype: Any
-    bytes_per_param: float
+
+    @property
+    def dtype_name(self) -> str:
+        return jnp.dtype(self.dtype).name
 
 
 WEIGHT_FORMATS = {
-    "bf16": WeightsFormat("bf16", jnp.bfloat16, 2.0),
-    "f32": WeightsFormat("f32", jnp.float32, 4.0),
+    "bf16": WeightsFormat("bf16", jnp.bfloat16),
+    "f32": WeightsFormat("f32", jnp.float32),
 }
 PENDING_FORMATS = ("fp8", "int8")  # quantized weights (issue 13) register here once the model has them
 
@@ -269,7 +273,7 @@ def count_plan(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict[
                context: int, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16, name: str = "") -> Plan:
     """Bytes per device from the arrays' shapes alone (no compilation, no devices)."""
     mesh = AbstractMesh(tuple(axes[a] for a in MESH_AXES), MESH_AXES)
-    model = _abstract_model(config, np.dtype(fmt.dtype).name)
+    model = _abstract_model(config, fmt.dtype_name)
     weights = layout_bytes([leaf for _, _, leaf in _model_names(model)], weight_specs(model, mesh), mesh)
     cache = abstract_cache(config, batch, context, page_size, cache_dtype)
     cache_bytes = layout_bytes(jax.tree.leaves(cache), jax.tree.leaves(cache_specs(cache)), mesh)
@@ -325,7 +329,7 @@ def compile_decode(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: d
 
     _ptxas_on_path()
     mesh = make_mesh(axes, topology_devices(cluster))
-    model = _abstract_model(config, np.dtype(fmt.dtype).name)
+    model = _abstract_model(config, fmt.dtype_name)
     lowered = generate.lower_decode_step(model, batch, context, page_size=page_size, cache_dtype=cache_dtype,
                                          implementation=implementation, place=decode_placement(model, mesh))
     return lowered.compile()
@@ -429,8 +433,8 @@ def abstract_train(config: Config, fmt: WeightsFormat, *, batch: int, seq_len: i
     from mla_jax.training.config import TrainConfig
     from mla_jax.training.step import Trainer
 
-    tc = TrainConfig(seq_len=seq_len, batch_size=batch, param_dtype=np.dtype(fmt.dtype).name)
-    trainer = Trainer(_abstract_model(config, np.dtype(fmt.dtype).name), tc)
+    tc = TrainConfig(seq_len=seq_len, batch_size=batch, param_dtype=fmt.dtype_name)
+    trainer = Trainer(_abstract_model(config, fmt.dtype_name), tc)
     f32 = lambda tree: {n: jax.ShapeDtypeStruct(v.shape, jnp.float32) for n, v in tree.items()}  # noqa: E731
     params = f32(trainer._base)
     state = {"params": params, "bias": f32(trainer._rest), "opt": jax.eval_shape(trainer.optimizer.init, params),
