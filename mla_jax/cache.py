@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.config import Config
+from mla_jax.ops.platform import by_platform
 
 DEFAULT_PAGE_SIZE = 64
 FP8 = jnp.float8_e4m3fn
@@ -170,18 +171,92 @@ def quantize(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (rows / scale[..., None]).astype(FP8), scale
 
 
+def _set_rows(pages: jax.Array, layer, block_table, positions, valid, rows) -> jax.Array:
+    """pages [L,P,S,...] with rows [B,T,...] stored in `layer` at positions [B,T] where valid [B,T].
+
+    GPUs scatter (invalid rows aimed at a page past the end, which the scatter drops). XLA:CPU
+    scatters a bfloat16/fp8 array by converting all of it - every layer's pages - to float32 and
+    back, a temporary twice the cache's size. So there each page a sequence's rows fall in is
+    rebuilt and written back in place: B·(T/S + 1) page writes. This needs each sequence's positions
+    consecutive (positions[b] = positions[b, 0] + 0..T-1), as prefill chunks and decode steps are.
+    """
+    page_size = pages.shape[2]
+    trail = pages.shape[3:]
+    rows = rows.astype(pages.dtype)
+
+    def scatter(pages, layer, block_table, positions, valid, rows):
+        page = jnp.take_along_axis(block_table, positions // page_size, axis=1, mode="clip")
+        page = jnp.where(valid, page, pages.shape[1])
+        return pages.at[layer, page, positions % page_size].set(rows, mode="drop")
+
+    def page_by_page(pages, layer, block_table, positions, valid, rows):
+        b, t = positions.shape
+        width = block_table.shape[1]
+        columns = -(-t // page_size) + (1 if t > 1 else 0)  # pages a run of t positions can touch
+        zeros = (0,) * len(trail)
+
+        def body(i, pages):
+            seq = i // columns
+            column = positions[seq, 0] // page_size + i % columns
+            page_id = block_table[seq, jnp.minimum(column, width - 1)]
+            index = column * page_size + jnp.arange(page_size) - positions[seq, 0]  # row of each slot
+            inside = jnp.clip(index, 0, t - 1)
+            take = (index >= 0) & (index < t) & (column < width) & valid[seq, inside]  # [S]
+            corner = (layer, page_id, 0, *zeros)
+            old = jax.lax.dynamic_slice(pages, corner, (1, 1, page_size, *trail))[0, 0]
+            new = jnp.where(take.reshape(page_size, *(1,) * len(trail)), rows[seq, inside], old)
+            return jax.lax.dynamic_update_slice(pages, new[None, None], corner)
+
+        return jax.lax.fori_loop(0, b * columns, body, pages)
+
+    layer = jnp.asarray(layer, jnp.int32)
+    return by_platform(pages, layer, block_table, positions, valid, rows, gpu=scatter, default=page_by_page)
+
+
 def write(cache: PagedCache, layer, rows: jax.Array, positions: jax.Array, valid: jax.Array) -> PagedCache:
     """Stores rows [B,T,C+R] of `layer` (an int or a traced int32 scalar) at token positions [B,T]
-    where valid [B,T].
-
-    Invalid tokens (padding) target a page id past the end, which the scatter drops.
-    """
-    page_size = cache.page_size
-    slot_page = jnp.take_along_axis(cache.block_table, positions // page_size, axis=1, mode="clip")
-    page = jnp.where(valid, slot_page, cache.num_pages)
-    slot = positions % page_size
+    where valid [B,T] (padding is skipped); each sequence's positions are consecutive."""
+    where = (layer, cache.block_table, positions, valid)
     if cache.scales is None:
-        return cache._replace(pages=cache.pages.at[layer, page, slot].set(rows.astype(cache.pages.dtype), mode="drop"))
+        return cache._replace(pages=_set_rows(cache.pages, *where, rows))
     q, s = quantize(rows)
-    return cache._replace(pages=cache.pages.at[layer, page, slot].set(q, mode="drop"),
-                          scales=cache.scales.at[layer, page, slot].set(s, mode="drop"))
+    return cache._replace(pages=_set_rows(cache.pages, *where, q), scales=_set_rows(cache.scales, *where, s))
+
+
+# ------------------------------------------------------------------------ reads (inside jit)
+def read_block(cache: PagedCache, layer, first_page: jax.Array, num_pages: int, dtype) -> jax.Array:
+    """Rows [B, num_pages·S, C+R] in `dtype` of `layer`'s block-table columns first_page ..
+    first_page+num_pages-1 of every sequence (columns past the table repeat its last one: mask
+    them by position). FP8 rows come back dequantised (row · its scale)."""
+    width = cache.block_table.shape[1]
+    columns = jnp.minimum(first_page + jnp.arange(num_pages), width - 1)
+    ids = cache.block_table[:, columns]  # [B,K]
+    layer = jnp.asarray(layer, jnp.int32)
+    rows = _get_pages(cache.pages, layer, ids)
+    if cache.scales is not None:
+        rows = rows.astype(jnp.float32) * _get_pages(cache.scales, layer, ids)[..., None]
+    b = rows.shape[0]
+    return rows.reshape(b, num_pages * cache.page_size, rows.shape[-1]).astype(dtype)
+
+
+def _get_pages(pages: jax.Array, layer, ids: jax.Array) -> jax.Array:
+    """pages[layer, ids] for pages [L,P,S,...], ids [B,K]: [B,K,S,...]. GPUs gather; XLA:CPU
+    gathers a bfloat16/fp8 array from a float32 copy of all of it, so there pages are sliced one
+    by one."""
+
+    def gather(pages, layer, ids):
+        return pages[layer, ids]
+
+    def page_by_page(pages, layer, ids):
+        flat = ids.reshape(-1)
+        zeros = (0,) * (pages.ndim - 2)
+        shape = pages.shape[2:]
+
+        def body(i, out):
+            page = jax.lax.dynamic_slice(pages, (layer, flat[i], *zeros), (1, 1, *shape))[0]
+            return jax.lax.dynamic_update_slice(out, page, (i, *zeros))
+
+        out = jax.lax.fori_loop(0, flat.shape[0], body, jnp.zeros((flat.shape[0], *shape), pages.dtype))
+        return out.reshape(*ids.shape, *shape)
+
+    return by_platform(pages, layer, ids, gpu=gather, default=page_by_page)

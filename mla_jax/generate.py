@@ -1,8 +1,12 @@
 """Batched generation over the paged latent cache: prefill, jitted decode steps, `generate`.
 
-* Prefill runs the prompt batch (right-padded to a power-of-two bucket, true positions 0..len-1 per
-  sequence) through the model with expanded MLA under a causal, padding-aware mask, writing each
-  token's normalised latent and rotated rope key into its pages, and samples the first new token.
+* Prefill runs the prompt batch (right-padded, true positions 0..len-1 per sequence) through the
+  model in chunks of at most `prefill_chunk` tokens (default 2,048), one executable for every
+  chunk: each chunk writes its tokens' normalised latents and rotated rope keys into their pages,
+  then attends (expanded MLA, online softmax over key blocks) to the latents earlier chunks left in
+  the pages and to its own, causally and padding-aware. Memory beyond the cache is set by the
+  chunk, not the prompt. A prompt that fits one chunk is padded to a power-of-two bucket; a longer
+  one to a multiple of the chunk. The last chunk samples the first new token.
 * Each decode step feeds one token per sequence: it writes the token's latent, then attends with
   absorbed MLA over the pages through `pallas_kernels.mla_decode` (`decode_implementation` picks the
   Mosaic GPU kernel or the XLA reference, in one place) and samples the next token. One executable
@@ -12,7 +16,7 @@ Executables are compiled ahead of time and kept in `_EXECUTABLES`, so compile ti
 from run time and `compilations()` counts real compilations (a prompt of another length within
 the same bucket reuses both executables).
 
-Dimensions: B batch, T prompt bucket, N heads, C latent, R rotary dim, V vocabulary.
+Dimensions: B batch, T prompt chunk, N heads, C latent, R rotary dim, V vocabulary.
 """
 
 from __future__ import annotations
@@ -35,14 +39,17 @@ import pallas_kernels
 from pallas_kernels._interpret import has_sm90_gpu
 from pallas_kernels.mla_decode import choose_implementation
 from mla_jax import cache as kv
-from mla_jax.attention import absorb_query, expanded_attention
+from mla_jax.attention import absorb_query, expand_keys, join_query
 from mla_jax.errors import UsageError, UsageTypeError
 from mla_jax.model import Transformer
+from mla_jax.ops import attention as ops_attention
 from mla_jax.rope import sin_cos
 from mla_jax.sampling import Sampling, sample
 
 IMPLEMENTATIONS = ("xla", "mosaic_gpu")
 MIN_BUCKET = 16
+PREFILL_CHUNK = 2048  # prompt tokens per prefill step
+ATTENTION_BLOCK = ops_attention.DEFAULT_BLOCK  # keys per online-softmax step in prefill
 FINISHED = -1  # what a stream yields for a sequence that has already stopped
 
 
@@ -83,8 +90,10 @@ def check_implementation(override: str | None) -> None:
                          f"runs on {where}; use 'xla' or leave it unset")
 
 
-def check_options(*, max_new_tokens, page_size, num_pages=None, seed=0) -> None:
+def check_options(*, max_new_tokens, page_size, num_pages=None, seed=0, prefill_chunk=PREFILL_CHUNK) -> None:
     """The numeric arguments of `generate` / `generate_stream`, checked before any work."""
+    if not _is_int(prefill_chunk) or prefill_chunk < 1:
+        raise UsageError(f"prefill_chunk={prefill_chunk!r}; expected an integer >= 1 (prompt tokens per prefill step)")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise UsageError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 0")
     if not _is_int(page_size) or page_size < 1:
@@ -104,6 +113,18 @@ def bucket_length(n: int, limit: int) -> int:
     return min(max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()), max(limit, n))
 
 
+def prefill_plan(n: int, limit: int, chunk: int = PREFILL_CHUNK) -> tuple[int, int]:
+    """(padded prompt width, chunk length) for a longest prompt of n tokens.
+
+    Up to `chunk` tokens: one chunk, the power-of-two bucket (capped at the chunk). Longer: chunks
+    of `chunk` tokens, the width rounded up to a multiple of it (one executable serves them all).
+    """
+    if n <= chunk:
+        width = min(bucket_length(n, limit), chunk)
+        return width, width
+    return -(-n // chunk) * chunk, chunk
+
+
 # ------------------------------------------------------------------------ forward passes
 def _run_layers(model: Transformer, tokens, positions, attend, cache: kv.PagedCache):
     """Embedding and the scanned decoder layers with `attend` as self-attention, threading the
@@ -113,16 +134,64 @@ def _run_layers(model: Transformer, tokens, positions, attend, cache: kv.PagedCa
     return h, cache
 
 
-def _prefill_attention(positions, valid):
-    """Self-attention over the prompt that also stores each valid token's latent row in the pages."""
-    mask = (positions[:, :, None] >= positions[:, None, :]) & valid[:, None, :]  # [B,T,T]
+def _attend_pages(state, q, cache: kv.PagedCache, layer, past, w_uk, w_uv, scale, block: int):
+    """Folds into `state` the keys already in `layer`'s pages: positions < past [B] of each sequence.
+
+    Reads a block of pages at a time (a loop as long as the longest past), expanding its latents to
+    per-head keys and values there: nothing the size of the past is materialised.
+    """
+    pages_per_block = max(1, block // cache.page_size)
+    tokens_per_block = pages_per_block * cache.page_size
+    c = w_uk.shape[0]
+    b, t = q.shape[:2]
+
+    def body(j, state):
+        rows = kv.read_block(cache, layer, j * pages_per_block, pages_per_block, q.dtype)  # [B,blk,C+R]
+        k, v = expand_keys(rows[..., :c], rows[..., c:], w_uk, w_uv)
+        seen = j * tokens_per_block + jnp.arange(tokens_per_block) < past[:, None]  # [B,blk]
+        mask = jnp.broadcast_to(seen[:, None, :], (b, t, tokens_per_block))
+        return ops_attention.attend_block(state, q, k, v, mask, scale)
+
+    n_blocks = (jnp.max(past) + tokens_per_block - 1) // tokens_per_block
+    return jax.lax.fori_loop(0, n_blocks, body, state)
+
+
+def _attend_chunk(state, q, c_kv, k_rope, positions, valid, w_uk, w_uv, scale, block: int):
+    """Folds into `state` the chunk's own keys [B,T], causally by position, padding hidden."""
+    b, t = positions.shape
+    block = min(block, t)
+    n_blocks = -(-t // block)
+    pad = n_blocks * block - t
+
+    def cut(x):  # [B,T,...] -> [nb,B,block,...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n_blocks, block, *x.shape[2:]), 1, 0)
+
+    def body(state, keys):
+        c_j, r_j, pos_j, valid_j = keys
+        k, v = expand_keys(c_j, r_j, w_uk, w_uv)
+        mask = (pos_j[:, None, :] <= positions[:, :, None]) & valid_j[:, None, :]  # [B,T,block]
+        return ops_attention.attend_block(state, q, k, v, mask, scale), None
+
+    return jax.lax.scan(body, state, (cut(c_kv), cut(k_rope), cut(positions), cut(valid)))[0]
+
+
+def _prefill_attention(positions, valid, past, block: int):
+    """Self-attention of one prompt chunk (positions [B,T], valid [B,T]) over the pages' first
+    past [B] tokens and its own; each valid token's latent row is stored in the pages."""
 
     def attend(layer, mla, x, sin, cos, cache):
         q_nope, q_rope = mla.queries(x, sin, cos)
         c_kv, k_rope = mla.latents(x, sin, cos)
         cache = kv.write(cache, layer, jnp.concatenate([c_kv, k_rope], axis=-1), positions, valid)
-        out = expanded_attention(q_nope, q_rope, c_kv, k_rope, mla.w_uk, mla.w_uv, mask, mla.config.softmax_scale)
-        return mla.o_proj(out), cache
+        q = join_query(q_nope, q_rope)
+        w_uk, w_uv, scale = mla.w_uk, mla.w_uv, mla.config.softmax_scale
+        state = ops_attention.init_state(*q.shape[:3], w_uv.shape[-1])
+        # Earlier chunks from the pages (cache dtype); this chunk from its own unrounded latents.
+        state = _attend_pages(state, q, cache, layer, past, w_uk, w_uv, scale, block)
+        state = _attend_chunk(state, q, c_kv, k_rope, positions, valid, w_uk, w_uv, scale, block)
+        out, _ = ops_attention.finish(state)
+        return mla.o_proj(out.astype(q_nope.dtype)), cache
 
     return attend
 
@@ -157,16 +226,24 @@ def _first_token(logits, done_so_far, key, sampling: Sampling, stop):
     return token, done, key
 
 
-def _prefill(graphdef, state, cache, tokens, lengths, key, stop, *, sampling: Sampling):
-    """Prompt [B,T] (right-padded; lengths [B]) -> (cache, first new tokens [B], done, key, logits [B,V])."""
+def _prefill(graphdef, state, cache, tokens, start, lengths, logits, key, stop, *, sampling: Sampling, block: int):
+    """One chunk [B,T] of the right-padded prompts (lengths [B]), at positions start..start+T-1.
+
+    Returns (cache, first new tokens [B], done, key, logits [B,V]): `logits` carries each
+    sequence's last-token logits from the chunk that held it; after the last chunk, the token
+    sampled from them is the first new one (every chunk gets the same key).
+    """
     model = nnx.merge(graphdef, state)
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    lengths = lengths.astype(jnp.int32)
     valid = positions < lengths[:, None]
-    cache = cache._replace(seq_lens=lengths.astype(jnp.int32))
-    h, cache = _run_layers(model, tokens, positions, _prefill_attention(positions, valid), cache)
-    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B,1,D]
-    logits = model.logits(last)[:, 0]
+    cache = cache._replace(seq_lens=lengths)
+    attend = _prefill_attention(positions, valid, jnp.minimum(start, lengths), block)
+    h, cache = _run_layers(model, tokens, positions, attend, cache)
+    last = lengths - 1 - start  # each sequence's last prompt token within this chunk, if there
+    h_last = jnp.take_along_axis(h, jnp.clip(last, 0, t - 1)[:, None, None], axis=1)  # [B,1,D]
+    logits = jnp.where(((last >= 0) & (last < t))[:, None], model.logits(h_last)[:, 0], logits)
     token, done, key = _first_token(logits, jnp.zeros((b,), bool), key, sampling, stop)
     return cache, token, done, key, logits
 
@@ -247,6 +324,27 @@ def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size
     return jax.jit(step, donate_argnums=(1,)).trace(*args).lower()
 
 
+def lower_prefill_chunk(model: Transformer, cache: kv.PagedCache, chunk: int, *, sampling: Sampling = Sampling(),
+                        block: int | None = None, device: jax.Device | None = None) -> jax.stages.Lowered:
+    """The prefill chunk step for a batch of the cache's width and `chunk` prompt tokens, lowered
+    without allocating anything: `model` and `cache` may be abstract (`mla_jax.weights.abstract_model`,
+    `jax.eval_shape`) and `device` a GPU topology device on a machine without a GPU
+    (../shared/GPU_AOT.md). `.compile()` it to see what one step needs (`memory_analysis()`)."""
+    graphdef, state = nnx.split(model)
+    b = cache.block_table.shape[0]
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (jax.tree.map(lambda x: spec(x.shape, x.dtype), (state, cache)) +
+            (spec((b, chunk), jnp.int32), spec((), jnp.int32), spec((b,), jnp.int32),
+             spec((b, model.config.vocab_size), jnp.float32), spec(key.shape, key.dtype), spec((1,), jnp.int32)))
+    statics = {"sampling": sampling, "block": ATTENTION_BLOCK if block is None else block}
+    return jax.jit(functools.partial(_prefill, graphdef, **statics), donate_argnums=(1,)).trace(*args).lower()
+
+
 # ------------------------------------------------------------------------ the public API
 @dataclasses.dataclass
 class Stats:
@@ -307,9 +405,10 @@ class Stream:
 
     def __init__(self, model: Transformer, prompts, max_new_tokens: int, *, sampling: Sampling,
                  stop_tokens: Sequence[int], seed: int, page_size: int, cache_dtype, implementation,
-                 num_pages: int | None = None):
+                 num_pages: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         config = model.config
-        check_options(max_new_tokens=max_new_tokens, page_size=page_size, num_pages=num_pages, seed=seed)
+        check_options(max_new_tokens=max_new_tokens, page_size=page_size, num_pages=num_pages, seed=seed,
+                      prefill_chunk=prefill_chunk)
         self.prompts = _check_prompts(prompts, config.vocab_size)
         lengths = [len(p) for p in self.prompts]
         kv.check_length(config, lengths, max_new_tokens)
@@ -324,7 +423,7 @@ class Stream:
         self.logits = None
 
         b = len(lengths)
-        bucket = bucket_length(max(lengths), config.max_position_embeddings)
+        bucket, self.chunk = prefill_plan(max(lengths), config.max_position_embeddings, int(prefill_chunk))
         pages_per_seq = kv.pages_needed(bucket + self.max_new_tokens, page_size)
         # By default the pool holds every sequence at the bucket's full length; a smaller pool is
         # shared out by what each request really needs (its prompt plus max_new_tokens).
@@ -338,7 +437,8 @@ class Stream:
         tokens = np.zeros((b, bucket), np.int32)
         for i, p in enumerate(self.prompts):
             tokens[i, : len(p)] = p
-        self.tokens, self.lengths = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
+        self.tokens, self.lengths = tokens, jnp.asarray(lengths, jnp.int32)
+        self.vocab_size = config.vocab_size
         self.graphdef, self.state = nnx.split(model)
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -346,14 +446,20 @@ class Stream:
             return
         if self.cache is None:
             raise RuntimeError("this Stream has already run (its cache was donated); call generate_stream again")
-        args = (self.state, self.cache, self.tokens, self.lengths, self.key, self.stop)
-        self.cache = None  # donated below
-        prefill, compile_s = _executable(_prefill, self.graphdef, args, {"sampling": self.sampling})
-        self.stats.compile_seconds += compile_s
-        start = time.perf_counter()
-        cache, token, done, key, logits = prefill(*args)
+        cache, self.cache = self.cache, None  # donated below
+        logits = jnp.zeros((len(self.prompts), self.vocab_size), jnp.float32)
+        prefill, begin = None, 0.0
+        for first in range(0, self.tokens.shape[1], self.chunk):
+            chunk = jnp.asarray(self.tokens[:, first: first + self.chunk])
+            args = (self.state, cache, chunk, jnp.asarray(first, jnp.int32), self.lengths, logits, self.key, self.stop)
+            if prefill is None:
+                prefill, compile_s = _executable(_prefill, self.graphdef, args,
+                                                 {"sampling": self.sampling, "block": ATTENTION_BLOCK})
+                self.stats.compile_seconds += compile_s
+                begin = time.perf_counter()
+            cache, token, done, key, logits = prefill(*args)
         token_host = np.asarray(token)
-        self.stats.prefill_seconds = time.perf_counter() - start
+        self.stats.prefill_seconds = time.perf_counter() - begin
         statics = {"sampling": self.sampling, "implementation": self.implementation}
         decode = None
         pending = (token_host, logits, np.asarray(done))
@@ -384,17 +490,19 @@ class Stream:
 def generate_stream(model: Transformer, prompts, max_new_tokens: int, *, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
                     seed: int = 0, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16,
-                    implementation: str | None = None, num_pages: int | None = None) -> Stream:
+                    implementation: str | None = None, num_pages: int | None = None,
+                    prefill_chunk: int = PREFILL_CHUNK) -> Stream:
     """Like `generate`, but an iterable `Stream` of int32 arrays [B], one per step, as they come."""
     return Stream(model, prompts, max_new_tokens, sampling=Sampling(temperature, top_k, top_p),
                   stop_tokens=stop_tokens, seed=seed, page_size=page_size, cache_dtype=cache_dtype,
-                  implementation=implementation, num_pages=num_pages)
+                  implementation=implementation, num_pages=num_pages, prefill_chunk=prefill_chunk)
 
 
 def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
              seed: int = 0, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16,
-             implementation: str | None = None, num_pages: int | None = None) -> list[list[int]]:
+             implementation: str | None = None, num_pages: int | None = None,
+             prefill_chunk: int = PREFILL_CHUNK) -> list[list[int]]:
     """New tokens for each prompt (a batch of token-id lists of any lengths).
 
     Greedy when temperature is 0; otherwise samples at `temperature` within top_k / top_p. A
@@ -403,10 +511,12 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: f
     (float32, or "fp8" for float8_e4m3fn rows with per-token scales). `implementation` overrides
     the decode attention choice ("xla" or "mosaic_gpu"). `num_pages` caps the cache pool (pages
     of `page_size` tokens per layer); a batch that does not fit is a CacheError before any work.
+    Prompts are prefilled `prefill_chunk` tokens at a time (memory set by the chunk, not the prompt).
     """
     stream = generate_stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, stop_tokens=stop_tokens, seed=seed, page_size=page_size,
-                             cache_dtype=cache_dtype, implementation=implementation, num_pages=num_pages)
+                             cache_dtype=cache_dtype, implementation=implementation, num_pages=num_pages,
+                             prefill_chunk=prefill_chunk)
     out: list[list[int]] = [[] for _ in stream.prompts]
     for step in stream:
         for seq, t in zip(out, step.tolist()):

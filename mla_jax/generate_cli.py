@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dtype", choices=sorted(CACHE_DTYPES), default="bfloat16",
                    help="latent cache dtype; fp8 = float8_e4m3fn with per-token scales")
     p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="tokens per cache page")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prompt tokens per prefill step (default 2048); memory beyond the cache is set by it")
     p.add_argument("--implementation", choices=("xla", "mosaic_gpu"), default=None,
                    help="decode attention (default: the GPU kernel where it runs, else XLA)")
     p.set_defaults(func=run)
@@ -71,7 +73,8 @@ def check_args(args: argparse.Namespace) -> None:
     from mla_jax.generate import check_implementation, check_options
     from mla_jax.sampling import Sampling
 
-    check_options(max_new_tokens=args.max_new_tokens, page_size=args.page_size, seed=args.seed)
+    check_options(max_new_tokens=args.max_new_tokens, page_size=args.page_size, seed=args.seed,
+                  prefill_chunk=_prefill_chunk(args))
     Sampling(args.temperature, args.top_k, args.top_p)
     check_implementation(args.implementation)
     if not os.path.isdir(args.ckpt):
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     stream = generate_stream(
         model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, stop_tokens=sorted(stop), seed=args.seed, page_size=args.page_size,
-        cache_dtype=args.cache_dtype, implementation=args.implementation)
+        cache_dtype=args.cache_dtype, implementation=args.implementation, prefill_chunk=_prefill_chunk(args))
 
     single = len(prompts) == 1
     texts = [TextStream(tokenizer) for _ in prompts]
@@ -129,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
           f"{load_seconds:.1f} s, compile {s.compile_seconds:.1f} s; {stream.implementation} decode attention; "
           f"cache {s.cache_bytes_per_token:,} B/token {args.cache_dtype} latent vs {mha:,} B/token bf16 MHA)")
     return 0
+
+
+def _prefill_chunk(args: argparse.Namespace) -> int:
+    from mla_jax.generate import PREFILL_CHUNK
+
+    return PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk
 
 
 def _as_option(message: str) -> str:

@@ -126,6 +126,7 @@ def test_a_signal_that_lands_in_a_gc_callback_is_not_lost():
 # ---------------------------------------------------------------------------- generate's options
 @pytest.mark.parametrize("option, message", [
     (["--page-size", "0"], "--page-size 0: expected an integer >= 1 (tokens per cache page)"),
+    (["--prefill-chunk", "0"], "--prefill-chunk 0: expected an integer >= 1 (prompt tokens per prefill step)"),
     (["--temperature", "nan"], "--temperature nan: expected a finite number >= 0 (0 = greedy)"),
     (["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0 (0 = greedy)"),
     (["--top-p", "0"], "--top-p 0.0: expected a number in (0, 1] or None"),

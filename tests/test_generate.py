@@ -14,6 +14,7 @@ from flax import nnx
 import hf_models
 from checkpoints.state_dict import load_state_dict
 from mla_jax import Config
+from mla_jax import generate as generation
 from mla_jax.generate import FINISHED, generate, generate_stream
 
 MODELS = ["v2_lite_like", "v3_like_noaux_tc_yarn"]
@@ -93,15 +94,29 @@ def max_relative_error(got, want):
     return max(float(np.max(np.abs(g - w)) / np.max(np.abs(w))) for g, w in zip(got, want))
 
 
-def test_greedy_tokens_equal_transformers_generate(pair):
+@pytest.mark.parametrize("chunk", [2048, 4], ids=lambda c: f"prefill_chunk={c}")
+def test_greedy_tokens_equal_transformers_generate(pair, chunk):
+    """Prompts of 5, 11 and 3 tokens in one chunk, or 4 at a time (a chunk size that divides none)."""
     hf, ours, prompts = pair
     eos = hf.config.eos_token_id
     want = hf_greedy(hf, prompts, NEW_TOKENS, eos)
-    assert generate(ours, prompts, NEW_TOKENS, stop_tokens=(eos,), cache_dtype=jnp.float32, page_size=4) == want
+    got = generate(ours, prompts, NEW_TOKENS, stop_tokens=(eos,), cache_dtype=jnp.float32, page_size=4,
+                   prefill_chunk=chunk)
+    assert got == want
 
 
 @pytest.mark.parametrize("page_size", [1, 5, 64], ids=lambda s: f"page_size={s}")
 def test_cached_logits_equal_full_recompute_at_every_step(pair, page_size):
     _, ours, prompts = pair
     seqs, logits = run_stream(ours, prompts, cache_dtype=jnp.float32, page_size=page_size)
+    assert max_relative_error(logits, recomputed(ours, prompts, seqs)) < 1e-5
+
+
+def test_chunked_prefill_logits_equal_full_recompute(pair, monkeypatch):
+    """Prompts (5, 11, 3 tokens) prefilled 7 tokens at a time: each chunk attends to the latents
+    earlier chunks left in the pages (page size 5, not aligned with the chunks) and to its own, in
+    key blocks of 2 tokens; the first and every later token's logits equal a full pass."""
+    _, ours, prompts = pair
+    monkeypatch.setattr(generation, "ATTENTION_BLOCK", 2)
+    seqs, logits = run_stream(ours, prompts, cache_dtype=jnp.float32, page_size=5, prefill_chunk=7)
     assert max_relative_error(logits, recomputed(ours, prompts, seqs)) < 1e-5

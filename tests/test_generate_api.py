@@ -112,6 +112,7 @@ BAD_CALLS = {
     "text as a prompt": (dict(prompts=["hello"]), TypeError, r"prompts\[0\]: expected token ids, found text 'hello'"),
     "nan temperature": (dict(temperature=float("nan")), ValueError, "temperature=nan; expected a finite number >= 0"),
     "page size 0": (dict(page_size=0), ValueError, r"page_size=0; expected an integer >= 1"),
+    "prefill chunk 0": (dict(prefill_chunk=0), ValueError, r"prefill_chunk=0; expected an integer >= 1 \(prompt tokens per prefill step\)"),
     "cache pool too small": (dict(num_pages=2, page_size=4), CacheError, r"out of cache pages: the batch needs 9 pages of 4 tokens \(\[9, 13, 6\] tokens\), 2 of 2 are free"),
 }
 
