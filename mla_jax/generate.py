@@ -43,10 +43,12 @@ from mla_jax.attention import absorb_query, expand_keys, join_query
 from mla_jax.errors import UsageError, UsageTypeError
 from mla_jax.model import Transformer
 from mla_jax.ops import attention as ops_attention
+from mla_jax.ops import platform
 from mla_jax.rope import sin_cos
 from mla_jax.sampling import Sampling, sample
 
 IMPLEMENTATIONS = ("xla", "mosaic_gpu")
+BY_TARGET = "by_target"  # both staged; the lowering keeps the compile target's (`platform.by_platform`)
 MIN_BUCKET = 16
 PREFILL_CHUNK = 2048  # prompt tokens per prefill step
 ATTENTION_BLOCK = ops_attention.DEFAULT_BLOCK  # keys per online-softmax step in prefill
@@ -60,19 +62,29 @@ def query_dtype(pages_dtype) -> jnp.dtype:
 
 
 def decode_implementation(config, *, page_size: int, cache_dtype, override: str | None = None) -> str:
-    """The one place that picks the decode attention: "mosaic_gpu" or "xla".
+    """The one place that picks the decode attention: "mosaic_gpu", "xla" or `BY_TARGET`.
 
-    Automatic (override None): the Mosaic GPU kernel when `pallas_kernels` says it runs on this
-    machine for these shapes and dtypes (an sm90+ GPU, 16-bit or FP8 pages, page size a multiple
-    of 16), the XLA reference otherwise. An override that cannot run is an error, not a fallback.
+    Automatic (override None) follows the compile target (`mla_jax.ops.platform`): where the Mosaic
+    GPU kernel takes these shapes and dtypes (16-bit or FP8 pages, page size a multiple of 16) it is
+    "mosaic_gpu" under MLA_JAX_PLATFORM=gpu, "xla" under another forced platform, and otherwise
+    `BY_TARGET`: both are staged and the lowering keeps the kernel for a CUDA target (an H100
+    compiled for from a CPU-only process too), the reference for any other. A local pre-Hopper GPU
+    gets "xla". An override that cannot run is an error, not a fallback.
     """
     check_implementation(override)
     pages_dtype = kv.resolve_dtype(cache_dtype)
-    if override is None and jax.default_backend() != "gpu":
+    shapes = dict(q_dtype=query_dtype(pages_dtype), pages_dtype=pages_dtype, dim=config.latent_dim,
+                  v_dim=config.kv_lora_rank, page_size=page_size, interpret=False)
+    if override is not None:
+        return choose_implementation(override, **shapes)
+    target = platform.forced()
+    if target not in (None, "gpu") or (jax.devices()[0].platform == "gpu" and not has_sm90_gpu()):
         return "xla"
-    return choose_implementation(
-        override, q_dtype=query_dtype(pages_dtype), pages_dtype=pages_dtype, dim=config.latent_dim,
-        v_dim=config.kv_lora_rank, page_size=page_size, interpret=False)
+    try:
+        choose_implementation("mosaic_gpu", **shapes)
+    except ValueError:  # shapes or dtypes the kernel does not take
+        return "xla"
+    return "mosaic_gpu" if target == "gpu" else BY_TARGET
 
 
 def check_implementation(override: str | None) -> None:
@@ -208,10 +220,19 @@ def _decode_attention(positions, implementation: str):
         q = jnp.concatenate([absorb_query(q_nope, mla.w_uk), q_rope.astype(q_nope.dtype)], axis=-1)
         pages = cache.pages[layer]  # [P,S,C+R]
         q = q.astype(query_dtype(pages.dtype))  # [B,1,N,C+R]
-        o_lat, _ = pallas_kernels.mla_decode(
-            q, pages, cache.block_table, cache.seq_lens, softmax_scale=c.softmax_scale,
-            v_dim=c.kv_lora_rank, implementation=implementation,
-            page_scales=None if cache.scales is None else cache.scales[layer])
+        scales = None if cache.scales is None else cache.scales[layer]
+
+        def decode(impl, q, pages, table, lens):
+            o_lat, _ = pallas_kernels.mla_decode(q, pages, table, lens, softmax_scale=c.softmax_scale,
+                                                 v_dim=c.kv_lora_rank, implementation=impl, page_scales=scales)
+            return o_lat  # [B,1,N,C]
+
+        args = (q, pages, cache.block_table, cache.seq_lens)
+        if implementation == BY_TARGET:
+            o_lat = platform.by_platform(*args, gpu=functools.partial(decode, "mosaic_gpu"),
+                                         default=functools.partial(decode, "xla"))
+        else:
+            o_lat = decode(implementation, *args)
         out = jnp.einsum("BTNC,CNH->BTNH", o_lat.astype(x.dtype), mla.w_uv)  # [B,1,N,Hv]
         return mla.o_proj(out), cache
 
@@ -293,18 +314,21 @@ def _executable(fn, graphdef, args, statics: dict):
 
 
 def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size: int = kv.DEFAULT_PAGE_SIZE,
-                      cache_dtype=jnp.bfloat16, implementation: str = "xla", sampling: Sampling = Sampling(),
+                      cache_dtype=jnp.bfloat16, implementation: str | None = None, sampling: Sampling = Sampling(),
                       device: jax.Device | None = None, place=None) -> jax.stages.Lowered:
     """The decode step for `batch` sequences of up to `context` cached tokens, lowered for `device`
     (default: the first local one) without allocating anything: `model` may be abstract
     (`mla_jax.weights.abstract_model`) and `device` a GPU topology device on a machine without a
-    GPU (../shared/GPU_AOT.md). `.compile()` it to see memory, HLO and compile time.
+    GPU (../shared/GPU_AOT.md). `.compile()` it to see memory, HLO and compile time. The decode
+    attention is `implementation`, or by default the compile target's (`decode_implementation`).
 
     `place`, if given, lays the step out on several devices instead: called with the abstract
     arguments (state, cache, tokens, done, key, stop), it returns a matching tree of shardings
     (e.g. NamedShardings over a mesh of topology devices; see `mla_jax.parallel.plan`)."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if implementation not in (None, *IMPLEMENTATIONS):
+        raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS} or None")
+    if implementation is None:
+        implementation = decode_implementation(model.config, page_size=page_size, cache_dtype=cache_dtype)
     graphdef, state = nnx.split(model)
     pages_per_seq = kv.pages_needed(context, page_size)
     cache = jax.eval_shape(lambda: kv.init_cache(model.config, batch * pages_per_seq, batch, pages_per_seq,

@@ -90,15 +90,12 @@ def choose_implementation(implementation, *, q_dtype, pages_dtype, dim, v_dim,
     reason = f"q.dtype={q_dtype} (kernel takes bfloat16/float16)"
   elif pages_dtype in FP8_DTYPES and q_dtype != jnp.dtype(jnp.bfloat16):
     reason = "FP8 pages need bfloat16 queries in the kernel"
-  elif pages_dtype in FP8_DTYPES and not interpret:
-    # The FP8 path computes correctly in GPU interpret mode, but its
-    # register conversion pass does not lower for sm90 yet (see NOTES.md).
-    reason = "the FP8 kernel path runs only in interpret mode so far"
   else:
-    block_kv = _default_block_kv(page_size, fp8=pages_dtype in FP8_DTYPES)
+    fp8 = pages_dtype in FP8_DTYPES
+    block_kv = mosaic_gpu.FP8_BLOCK_KV if fp8 else _default_block_kv(page_size)
     reason = mosaic_gpu.unsupported_reason(
         dim=dim, v_dim=v_dim, page_size=page_size, block_kv=block_kv or page_size,
-        itemsize=2, fp8=pages_dtype in FP8_DTYPES)
+        itemsize=2, fp8=fp8)
   if implementation == "mosaic_gpu":
     if reason is not None:
       raise ValueError(f"implementation='mosaic_gpu' cannot run: {reason}")
@@ -110,9 +107,9 @@ def choose_implementation(implementation, *, q_dtype, pages_dtype, dim, v_dim,
   return "xla"
 
 
-def _default_block_kv(page_size: int, *, fp8: bool) -> int | None:
+def _default_block_kv(page_size: int) -> int | None:
   for b in (64, 32):
-    if page_size % b == 0 or (not fp8 and b % page_size == 0):
+    if page_size % b == 0 or b % page_size == 0:
       return b
   return None
 

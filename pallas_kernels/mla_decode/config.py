@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 # Hopper (sm90) limits the kernel plans against.
@@ -83,8 +84,8 @@ def smem_bytes(config: Config, *, dim: int, v_dim: int, itemsize: int,
       t_rows * t_cols * 4,  # block-table row
       META_LEN * 4,
   ]
-  if fp8:  # each consumer's bf16 copy of the current tile; per-token scales
-    buffers += [num_consumers * config.block_kv * dim * 2, config.num_stages * config.block_kv * 4]
+  if fp8:  # the bf16 copy of the tile (2 parities); per-token scales of the ring
+    buffers += [2 * config.block_kv * dim * 2, config.num_stages * config.block_kv * 4]
   if interpret:  # each consumer's K^T staged for the interpreter
     buffers.append(config.block_kv * dim * 2)
   # setup, kv, [scales], consumed; row-max and P exchanges (2 parities each)
@@ -114,24 +115,21 @@ def default_config(*, batch: int, s_q: int, heads: int, dim: int, v_dim: int,
                    page_size: int, max_pages: int, itemsize: int,
                    num_sms: int = H100_SMS, interpret: bool = False,
                    fp8: bool = False, num_splits: int | None = None) -> Config:
-  """Largest block/stage choice that fits in shared memory, then the split."""
+  """Deepest ring, then largest block, then widest output staging that fits in
+  shared memory (`smem_bytes` is exact); then the split."""
   table_entries = max_pages
-  if fp8:
-    candidates = [b for b in (64, 32) if b <= page_size and page_size % b == 0]
-  else:  # a block may span several pages
-    candidates = [b for b in (64, 32) if page_size % b == 0 or b % page_size == 0]
+  # a block may span several pages or be part of one
+  candidates = [b for b in ((32,) if fp8 else (64, 32))  # FP8: mosaic_gpu.FP8_BLOCK_KV
+                if page_size % b == 0 or b % page_size == 0]
   if not candidates:
-    raise ValueError(f"{page_size=} must be a multiple of {32 if fp8 else 16}")
+    raise ValueError(f"{page_size=} must be a multiple of 16")
   chosen = None
-  for stages in (3, 2):
-    for block_kv in candidates:
-      cfg = Config(block_kv=block_kv, num_stages=stages)
-      need = smem_bytes(cfg, dim=dim, v_dim=v_dim, itemsize=itemsize,
-                        table_entries=table_entries, interpret=interpret, fp8=fp8)
-      if need <= SMEM_BYTES or interpret:
-        chosen = cfg
-        break
-    if chosen is not None:
+  for stages, block_kv, out_chunk in itertools.product((3, 2), candidates, (64, 32, 16)):
+    cfg = Config(block_kv=block_kv, num_stages=stages, out_chunk=out_chunk)
+    need = smem_bytes(cfg, dim=dim, v_dim=v_dim, itemsize=itemsize,
+                      table_entries=table_entries, interpret=interpret, fp8=fp8)
+    if need <= SMEM_BYTES or interpret:
+      chosen = cfg
       break
   if chosen is None:
     chosen = Config(block_kv=candidates[-1], num_stages=1)

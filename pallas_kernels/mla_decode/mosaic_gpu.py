@@ -59,6 +59,28 @@ def tile_swizzle(dim: int, block_kv: int, itemsize: int) -> int:
              plgpu.find_swizzle(block_kv // NUM_CONSUMERS * itemsize * 8))
 
 
+# FP8 caches: the ring holds e4m3 tiles (32-byte swizzle, 8 x 32 SMEM tiles) and each
+# consumer converts its own 16 keys into a bf16 tile (32-byte swizzle, 8 x 16 SMEM tiles:
+# the swizzle every operand shares at block_kv 32), FP8_COLS columns at a time.
+FP8_BLOCK_KV = 32
+FP8_SWIZZLE = 32
+FP8_COLS = 64
+
+
+def fp8_convert_layout():
+  """Register layout of a [16, FP8_COLS] slice converted from e4m3 to bf16.
+
+  The WGMMA register layouts tile 64 rows; a consumer converts only its own 16 keys.
+  Warps take 8 rows x 32 columns each; within a warp the 8 lanes of one 128-byte
+  store cover 4 rows of one 8 x 16 bf16 SMEM tile, and the 16 lanes of one 128-byte
+  load 4 rows of one 8 x 32 e4m3 tile, so neither side has bank conflicts.  Each lane
+  holds 8 consecutive elements of a row (8 bytes read, 16 bytes written).
+  """
+  return plgpu.Layout.TILED(
+      plgpu.Tiling(((16, FP8_COLS), (8, 32), (4, 16), (8,))),
+      warp_dims=(-7, -6), lane_dims=(-5, -4, -3, -2), vector_dim=-1)
+
+
 def copies_per_block(page_size: int, block_kv: int) -> int:
   """TMA copies that fill one ring slot: a block spans block_kv / page_size pages."""
   return max(1, block_kv // page_size)
@@ -69,13 +91,9 @@ def unsupported_reason(*, dim: int, v_dim: int, page_size: int, block_kv: int,
   """Why the kernel cannot take these static shapes, or None if it can."""
   if page_size % 16:
     return f"{page_size=} must be a multiple of 16"
-  if fp8 and dim % 32:
-    return (f"an FP8 cache needs {dim=} to be a multiple of 32 (swizzled "
-            "32-byte rows of the FP8 ring buffer)")
-  if fp8 and (page_size % 32 or block_kv % 32 or block_kv > page_size):
-    return (f"an FP8 cache needs {page_size=} and {block_kv=} multiples of 32, "
-            "block_kv <= page_size (TMA copies of the per-token scales move 128-byte "
-            "multiples)")
+  if fp8 and (dim % FP8_COLS or block_kv != FP8_BLOCK_KV):
+    return (f"an FP8 cache needs {dim=} a multiple of {FP8_COLS} and {block_kv=} "
+            f"equal to {FP8_BLOCK_KV} (the e4m3 -> bf16 conversion's register layout)")
   if block_kv % 32:
     return (f"{block_kv=} must be a multiple of 32 (each of the {NUM_CONSUMERS} "
             "consumers scores 16 or more keys)")
@@ -84,6 +102,9 @@ def unsupported_reason(*, dim: int, v_dim: int, page_size: int, block_kv: int,
   if v_dim % NUM_CONSUMERS or v_dim > dim:
     return f"{v_dim=} must be even and <= {dim=}"
   half = v_dim // NUM_CONSUMERS
+  if tile_swizzle(dim, block_kv, itemsize) < 32:
+    return (f"{dim=} rows of {itemsize}-byte elements must be a multiple of 32 bytes "
+            "(the smallest shared-memory swizzle Mosaic GPU takes)")
   tile = tile_swizzle(dim, block_kv, itemsize) // itemsize
   if half % tile or dim % tile:
     return (f"{v_dim=} split over {NUM_CONSUMERS} consumer warpgroups gives "
@@ -95,9 +116,8 @@ def unsupported_reason(*, dim: int, v_dim: int, page_size: int, block_kv: int,
 def _mla_decode_kernel(
     q_ref,  # [batch, h_blocks, block_h, dim] bf16/f16 (GMEM)
     pages_ref,  # [num_pages, page_size, dim] bf16/f16/fp8 (GMEM)
-    scales_ref,  # [num_pages, page_size] f32 (GMEM), only for an FP8 cache
+    scales_ref,  # [batch, blocks, block_kv] f32 (GMEM), FP8 only: per block, 0 past seq_len
     tail_ref,  # [batch, block_kv, dim] cache dtype (GMEM): last block, zero past seq_len
-    tail_scales_ref,  # [batch, block_kv] f32 (GMEM), only for an FP8 cache
     table_ref,  # [batch, t_rows, t_cols] int32 (GMEM)
     meta_ref,  # [batch, splits, META_LEN] int32 (GMEM)
     out_ref,  # [batch, splits, h_blocks, block_h, v_dim] f32 (GMEM)
@@ -131,16 +151,15 @@ def _mla_decode_kernel(
       plgpu.SwizzleTransform(swizzle),
   )
   if fp8:  # the raw FP8 ring is only read into registers, never by wgmma
-    fp8_swizzle = plgpu.find_swizzle(dim * 8)
-    ring_transforms = (plgpu.TilingTransform((8, fp8_swizzle)),
-                       plgpu.SwizzleTransform(fp8_swizzle))
+    ring_transforms = (plgpu.TilingTransform((8, FP8_SWIZZLE)),
+                       plgpu.SwizzleTransform(FP8_SWIZZLE))
   else:
     ring_transforms = tile_transforms
   p_transforms = tile_transforms
 
   def body(q_smem,  # [block_h, dim]
            kv_smem,  # [stages, block_kv, dim] cache dtype
-           deq_smem,  # [NUM_CONSUMERS, block_kv, dim] q dtype (FP8 only) or None
+           deq_smem,  # [2, block_kv, dim] q dtype by parity (FP8 only) or None
            scale_smem,  # [stages, block_kv] f32 (FP8 only) or None
            p_smem,  # [2, NUM_CONSUMERS, block_h, kh]: P of each consumer's keys, by parity
            max_smem,  # [2, NUM_CONSUMERS, block_h] f32: row maxima exchanged, by parity
@@ -187,9 +206,6 @@ def _mla_decode_kernel(
             rows = pl.ds(i * chunk, chunk)
             plgpu.copy_gmem_to_smem(tail_ref.at[b, rows], kv_smem.at[slot, rows],
                                     kv_barriers.at[slot])
-          if fp8:
-            plgpu.copy_gmem_to_smem(tail_scales_ref.at[b], scale_smem.at[slot],
-                                    scale_barriers.at[slot])
 
         @pl.when(block != last)
         def _page():
@@ -203,10 +219,10 @@ def _mla_decode_kernel(
               src = pages_ref.at[page, pl.ds(token % page_size, chunk)]
             plgpu.copy_gmem_to_smem(src, kv_smem.at[slot, pl.ds(i * chunk, chunk)],
                                     kv_barriers.at[slot])
-            if fp8:  # one copy: FP8 needs page_size >= block_kv (unsupported_reason)
-              plgpu.copy_gmem_to_smem(
-                  scales_ref.at[page, pl.ds(token % page_size, block_kv)],
-                  scale_smem.at[slot], scale_barriers.at[slot])
+
+        if fp8:  # the wrapper lays the scales out by block, zeroed past seq_len
+          plgpu.copy_gmem_to_smem(scales_ref.at[b, block], scale_smem.at[slot],
+                                  scale_barriers.at[slot])
 
       for j in range(stages):
         pl.when(j < num_blocks)(functools.partial(issue, j, j))
@@ -295,11 +311,18 @@ def _mla_decode_kernel(
         parity = lax.rem(j, 2)
         plgpu.barrier_wait(kv_barriers.at[slot])
         if fp8:
-          # e4m3 -> bf16 is exact; the per-token scale multiplies S's columns
-          # and P's columns instead of the tile.
+          # One bf16 copy of the tile shared by both consumers (by parity: the
+          # other consumer may still be multiplying by the previous one); each
+          # converts its own keys, the ones it scores.  e4m3 -> f16 -> bf16 is
+          # exact; the per-token scale multiplies S's and P's columns instead.
           plgpu.barrier_wait(scale_barriers.at[slot])
-          tile = deq_smem.at[w]
-          tile[...] = kv_smem.at[slot][...].astype(dtype)
+          tile = deq_smem.at[parity]
+          own = pl.ds(w * kh, kh)
+          for c in range(dim // FP8_COLS):
+            cols_c = pl.ds(c * FP8_COLS, FP8_COLS)
+            raw = _interpret.load_vector(kv_smem.at[slot, own, cols_c],
+                                         fp8_convert_layout(), interpret=interpret)
+            tile.at[own, cols_c][...] = raw.astype(jnp.float16).astype(dtype)
           token_scale = lax.broadcast_in_dim(
               _interpret.load_vector(scale_smem.at[slot, pl.ds(w * kh, kh)], col_layout,
                                      interpret=interpret),
@@ -363,8 +386,7 @@ def _mla_decode_kernel(
   scratch = [
       plgpu.SMEM((block_h, dim), dtype, transforms=tile_transforms),
       plgpu.SMEM((stages, block_kv, dim), pages_ref.dtype, transforms=ring_transforms),
-      plgpu.SMEM((NUM_CONSUMERS, block_kv, dim), dtype, transforms=tile_transforms)
-      if fp8 else None,
+      plgpu.SMEM((2, block_kv, dim), dtype, transforms=tile_transforms) if fp8 else None,
       plgpu.SMEM((stages, block_kv), jnp.float32) if fp8 else None,
       plgpu.SMEM((2, NUM_CONSUMERS, block_h, kh), dtype, transforms=p_transforms),
       plgpu.SMEM((2, NUM_CONSUMERS, block_h), jnp.float32),
@@ -387,7 +409,7 @@ def _mla_decode_kernel(
   )
 
 
-def _launch(q_blocks, pages, scales, tail, tail_scales, table, meta, *, config: Config,
+def _launch(q_blocks, pages, scales, tail, table, meta, *, config: Config,
             s_q: int,
             heads: int, v_dim: int, softmax_scale: float, causal: bool,
             interpret: bool):
@@ -413,7 +435,7 @@ def _launch(q_blocks, pages, scales, tail, tail_scales, table, meta, *, config: 
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret.gpu_interpret_params() if interpret else None,
   )
-  return call(q_blocks, pages, scales, tail, tail_scales, table, meta)
+  return call(q_blocks, pages, scales, tail, table, meta)
 
 
 def cached_lengths(seq_lens, *, capacity: int):
@@ -439,13 +461,13 @@ def split_metadata(seq_lens, *, block_kv: int, num_splits: int, capacity: int):
   return meta.at[:, :, 3].set(jnp.broadcast_to(num_blocks[:, None] - 1, start.shape))
 
 
-def tail_blocks(pages, table, seq_lens, page_scales=None, *, block_kv: int):
+def tail_blocks(pages, table, seq_lens, *, block_kv: int):
   """Each sequence's last cache block with the rows past its length zeroed.
 
   pages [num_pages, page_size, dim], table [batch, max_pages] (ids in range),
-  seq_lens [batch] -> ([batch, block_kv, dim] in pages.dtype, [batch, block_kv]
-  f32 scales or None).  A select, not a multiply: NaN and inf become exact
-  zeros.  Sequences with no rows get an all-zero block (never read).
+  seq_lens [batch] -> [batch, block_kv, dim] in pages.dtype.  A select, not a
+  multiply: NaN and inf become exact zeros.  Sequences with no rows get an
+  all-zero block (never read).
   """
   page_size = pages.shape[1]
   capacity = table.shape[1] * page_size
@@ -457,10 +479,27 @@ def tail_blocks(pages, table, seq_lens, page_scales=None, *, block_kv: int):
   page = jnp.take_along_axis(table, token // page_size, axis=1, mode="clip")
   offset = token % page_size
   tail = pages[page, offset]  # [batch, block_kv, dim]
-  tail = jnp.where(valid[:, :, None], tail, jnp.zeros((), pages.dtype))
-  if page_scales is None:
-    return tail, None
-  return tail, jnp.where(valid, page_scales[page, offset], 0.0)
+  return jnp.where(valid[:, :, None], tail, jnp.zeros((), pages.dtype))
+
+
+def block_scales(page_scales, table, seq_lens, *, block_kv: int):
+  """FP8 per-token scales laid out by cache block: [batch, blocks, block_kv] f32.
+
+  page_scales [num_pages, page_size], table [batch, max_pages] (ids in range).
+  Scales of rows past a sequence's length are exact zeros (a select: NaN and
+  inf never reach the kernel), so one TMA copy of block_kv * 4 bytes brings a
+  block's scales whatever the page size.  Costs a gather of batch x capacity
+  floats, 1/144 of the FP8 cache bytes it scales at dim 576.
+  """
+  page_size = page_scales.shape[1]
+  capacity = table.shape[1] * page_size
+  blocks = -(-capacity // block_kv)
+  lens = cached_lengths(seq_lens, capacity=capacity)  # [batch]
+  token = jnp.arange(blocks * block_kv, dtype=jnp.int32)  # [blocks * block_kv]
+  page = jnp.take(table, token // page_size, axis=1, mode="clip")  # [batch, tokens]
+  scales = page_scales[page, token % page_size]
+  scales = jnp.where(token[None, :] < lens[:, None], scales, 0.0)
+  return scales.reshape(table.shape[0], blocks, block_kv).astype(jnp.float32)
 
 
 def mla_decode_mosaic_gpu(q, pages, block_table, seq_lens, *, softmax_scale: float,
@@ -485,11 +524,13 @@ def mla_decode_mosaic_gpu(q, pages, block_table, seq_lens, *, softmax_scale: flo
   table = table.reshape(batch, t_rows, t_cols)
   meta = split_metadata(seq_lens, block_kv=config.block_kv,
                         num_splits=config.num_splits, capacity=max_pages * page_size)
-  tail, tail_scales = tail_blocks(pages, in_range, seq_lens, page_scales,
-                                  block_kv=config.block_kv)
+  tail = tail_blocks(pages, in_range, seq_lens, block_kv=config.block_kv)
+  scales = None
+  if page_scales is not None:
+    scales = block_scales(page_scales, in_range, seq_lens, block_kv=config.block_kv)
 
   out_parts, lse_parts = _launch(
-      q_blocks, pages, page_scales, tail, tail_scales, table, meta, config=config, s_q=s_q,
+      q_blocks, pages, scales, tail, table, meta, config=config, s_q=s_q,
       heads=heads,
       v_dim=v_dim, softmax_scale=softmax_scale, causal=causal,
       interpret=interpret)

@@ -82,6 +82,11 @@ def _devices():
   return topo.devices
 
 
+def h100_device():
+  """One H100 of a compile-only topology (needs the `gpu-compile` extra: `missing_reason()`)."""
+  return _devices()[0]
+
+
 def _ensure_ptxas_on_path():
   d = _ptxas_dir()
   if d and d not in os.environ.get("PATH", "").split(os.pathsep):

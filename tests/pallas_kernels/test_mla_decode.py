@@ -69,7 +69,7 @@ GRID = [
     Case("b2_sq2_h3_page16_block64_four_pages", lens=(70, 33), s_q=2, block_kv=64),
     Case("b2_sq2_h3_noncausal", lens=(P + 5, 2), s_q=2, causal=False),
     Case("b2_sq1_h16_fp16", lens=(3 * P + 1, P - 1), heads=16, dtype="float16"),
-    Case("b2_sq2_h3_fp8_split2", lens=(3 * 32 + 5, 31), s_q=2, page_size=32,
+    Case("b2_sq2_h3_fp8_split2_two_pages_a_block", lens=(6 * P + 5, 31), s_q=2,
          dim=128, fp8=True, num_splits=2),
 ]
 SLOW = [
@@ -269,6 +269,11 @@ def test_automatic_choice():
   assert api.choose_implementation(None, q_dtype=jnp.float32,
                                    pages_dtype=jnp.float32, interpret=True,
                                    **kw) == "xla"
+  fp8 = jnp.float8_e4m3fn  # the FP8 cache path compiles for sm90 (test_mla_decode_sm90.py)
+  assert api.choose_implementation(None, q_dtype=bf16, pages_dtype=fp8,
+                                   interpret=False, **kw) == expect_kernel
+  assert api.choose_implementation("mosaic_gpu", q_dtype=bf16, pages_dtype=fp8,
+                                   interpret=False, **kw) == "mosaic_gpu"
   with pytest.raises(ValueError, match="kernel takes bfloat16/float16"):
     api.choose_implementation("mosaic_gpu", q_dtype=jnp.float32,
                               pages_dtype=jnp.float32, interpret=True, **kw)

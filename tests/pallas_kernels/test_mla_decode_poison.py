@@ -63,7 +63,7 @@ SLOW_KERNEL_CASES = [
     Case("bf16_sq2_split3", lens=(3 * P + 5, 0, 2), s_q=2, heads=16, num_splits=3),
     Case("fp16_sq3", lens=(P + 1, 0, 4), s_q=3, dtype="float16"),
     Case("bf16_sq4_two_row_blocks", lens=(0, 2 * P - 2, 3), s_q=4, heads=20),
-    Case("fp8_sq2_split2", lens=(2 * 32 + 7, 0, 31), s_q=2, fp8=True, page_size=32,
+    Case("fp8_sq2_split2_two_pages_a_block", lens=(4 * P + 7, 0, 31), s_q=2, fp8=True,
          dim=128, num_splits=2),
 ]
 

@@ -40,15 +40,6 @@ COVERING = [
     ("float8_e4m3fn", 64, 1, 16),
 ]
 FULL = [s for s in itertools.product(DTYPES, HEADS, S_Q, PAGES) if s not in COVERING]
-# Known gap, kept visible: strict, so the day FP8 compiles these turn red until unmarked.
-FP8_DOES_NOT_LOWER = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="the FP8 cache path does not lower for sm90 yet (NOTES.md); FP8 caches use XLA")
-
-
-def params(shapes):
-  return [pytest.param(*s, marks=FP8_DOES_NOT_LOWER) if s[0] == "float8_e4m3fn" else s
-          for s in shapes]
 
 
 def test_covering_subset_covers_every_axis_value():
@@ -68,12 +59,12 @@ def check_compiles_clean(dtype, heads, s_q, page):
   assert kernel.dynamic_smem == expected_smem, (kernel, config)
 
 
-@pytest.mark.parametrize("dtype, heads, s_q, page", params(COVERING))
+@pytest.mark.parametrize("dtype, heads, s_q, page", COVERING)
 def test_compiles_for_sm90a_without_spills(dtype, heads, s_q, page):
   check_compiles_clean(dtype, heads, s_q, page)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, heads, s_q, page", params(FULL))
+@pytest.mark.parametrize("dtype, heads, s_q, page", FULL)
 def test_compiles_for_sm90a_without_spills_full_grid(dtype, heads, s_q, page):
   check_compiles_clean(dtype, heads, s_q, page)
