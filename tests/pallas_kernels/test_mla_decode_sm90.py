@@ -27,17 +27,14 @@ PAGES = (16, 64, 256)
 DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
 MAX_PAGES = 8
 
-# (dtype, h_q, s_q, page): every value of every axis at least once, the row-heavy
-# shapes (128 heads x 4 tokens = 8 row blocks) and each dtype with several pages.
+# (dtype, h_q, s_q, page): every value of every axis at least once in 4 compiles (CI time),
+# including a row-heavy shape (128 heads x 2 tokens = 4 row blocks) and FP8 with 16-token
+# pages (two tile copies a block).  The other 104 shapes are under -m slow.
 COVERING = [
-    ("bfloat16", 1, 1, 16),
+    ("bfloat16", 16, 1, 16),
     ("bfloat16", 128, 2, 64),
-    ("bfloat16", 64, 4, 256),
-    ("float16", 16, 4, 64),
-    ("float16", 128, 1, 256),
-    ("float8_e4m3fn", 128, 2, 64),
-    ("float8_e4m3fn", 16, 4, 256),
-    ("float8_e4m3fn", 64, 1, 16),
+    ("float16", 64, 4, 256),
+    ("float8_e4m3fn", 1, 4, 16),
 ]
 FULL = [s for s in itertools.product(DTYPES, HEADS, S_Q, PAGES) if s not in COVERING]
 
