@@ -32,8 +32,9 @@ def register(subparsers) -> None:
                                                              "no temporaries, no collectives)")
     p.add_argument("--cache-dtype", choices=sorted(CACHE_DTYPES), default="bfloat16")
     p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE)
-    p.add_argument("--implementation", choices=("xla", "mosaic_gpu"), default="xla",
-                   help="decode attention to compile (default xla)")
+    p.add_argument("--implementation", choices=("xla", "mosaic_gpu"), default=None,
+                   help="decode attention to compile (default: what generate picks for the GPU, the Mosaic "
+                        "GPU kernel where it takes the shapes)")
     p.set_defaults(func=run)
 
 

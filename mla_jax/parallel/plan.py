@@ -323,7 +323,7 @@ def decode_placement(model, mesh: Mesh):
 
 def compile_decode(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict[str, int], *, batch: int,
                    context: int, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16,
-                   implementation: str = "xla"):
+                   implementation: str | None = None):
     """The decode step compiled for `cluster` under the mesh `axes` (nothing allocated)."""
     from mla_jax import generate
 
@@ -506,7 +506,7 @@ def load_config(what: str) -> tuple[str, Config]:
 
 def plan(model: str, gpus: str, *, weights: str = "bf16", batch: int = 32, context: int = 4096,
          mesh: str | None = None, train_seq_len: int | None = None, compile: bool = True,
-         page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype: str = "bfloat16", implementation: str = "xla") -> Plan:
+         page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype: str = "bfloat16", implementation: str | None = None) -> Plan:
     """What `mla-jax plan` prints: the decode step (and the train step when `train_seq_len` is given)
     of `model` (a preset name or config.json) on the cluster `gpus`, per device."""
     for name, v in (("batch", batch), ("context", context), ("page_size", page_size)):
