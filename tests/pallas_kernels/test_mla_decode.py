@@ -80,6 +80,8 @@ SLOW = [
          num_splits=2),
     Case("b2_sq1_h128_deepseek_dims", lens=(130, 0), heads=128, page_size=64, dim=576,
          v_dim=512),
+    Case("b2_sq2_h16_fp8_deepseek_dims", lens=(150, 37), s_q=2, heads=16, dim=576,
+         v_dim=512, fp8=True),
 ]
 
 
