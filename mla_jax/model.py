@@ -136,6 +136,16 @@ class DecoderLayer(nnx.Module):
         return h + y.astype(h.dtype), carry, aux
 
 
+# What the backward pass keeps of a layer's forward (`remat`), the rest being recomputed per layer:
+# "none" everything, "dots" the weight matmuls' outputs (not attention's batched ones), "full"
+# only the layer's input. The gradients are the same; only memory and recomputation differ.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 def _layer_stack(config: Config, run: LayerRun, param_dtype, rngs: nnx.Rngs) -> DecoderLayer:
     """`run.count` independently initialised layers as one DecoderLayer with weights [L, ...]."""
 
@@ -148,8 +158,13 @@ def _layer_stack(config: Config, run: LayerRun, param_dtype, rngs: nnx.Rngs) -> 
 
 
 def scan_layers(stack: DecoderLayer, run: LayerRun, h, sin, cos, attend: AttentionFn, carry, *,
-                moe_reference: bool = False):
-    """The run's layers one after another over h [B,T,D]: (h, carry, router stats stacked [L, ...] or None)."""
+                moe_reference: bool = False, remat: str = "none"):
+    """The run's layers one after another over h [B,T,D]: (h, carry, router stats stacked [L, ...] or None).
+
+    `remat` (a key of REMAT_POLICIES) rematerialises each layer in the backward pass.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}")
     graphdef, weights = nnx.split(stack)
 
     def body(state, xs):
@@ -159,6 +174,8 @@ def scan_layers(stack: DecoderLayer, run: LayerRun, h, sin, cos, attend: Attenti
                                                            moe_reference=moe_reference)
         return (h, carry), aux
 
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
     index = run.first + jnp.arange(run.count, dtype=jnp.int32)
     (h, carry), aux = jax.lax.scan(body, (h, carry), (weights, index))
     return h, carry, aux
@@ -192,15 +209,17 @@ class Transformer(nnx.Module):
         w = self.lm_head.kernel[...]
         return jnp.einsum("BTD,DV->BTV", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
-    def run_layers(self, h, sin, cos, attend: AttentionFn, carry=None, *, moe_reference: bool = False):
-        """Every decoder layer over h [B,T,D] with `attend` as self-attention.
+    def run_layers(self, h, sin, cos, attend: AttentionFn, carry=None, *, moe_reference: bool = False,
+                   remat: str = "none"):
+        """Every decoder layer over h [B,T,D] with `attend` as self-attention (`remat`: see REMAT_POLICIES).
 
         Returns (h [B,T,D], carry, router stats): the stats of the MoE layers in order, each of
         scores [L,M,E], experts [L,M,K], load [L,E] stacked over the L MoE layers (None without any).
         """
         stats = []
         for stack, run in zip(self.stacks, layer_runs(self.config)):
-            h, carry, aux = scan_layers(stack, run, h, sin, cos, attend, carry, moe_reference=moe_reference)
+            h, carry, aux = scan_layers(stack, run, h, sin, cos, attend, carry, moe_reference=moe_reference,
+                                        remat=remat)
             if run.moe:
                 stats.append(aux)
         aux = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else None
@@ -215,12 +234,14 @@ class Transformer(nnx.Module):
         attention_form: str = "expanded",
         moe_reference: bool = False,
         return_aux: bool = False,
+        remat: str = "none",
     ):
         """tokens [B,T] int -> float32 logits [B,T,V] (and, with return_aux, the router stats).
 
         positions [B,T] default to 0..T-1 (restart them per document when packing); segment_ids [B,T]
         keep packed documents apart (0 = padding); `attention_form` is "expanded" (memory-bounded),
-        "dense" (its dense-scores reference) or "absorbed".
+        "dense" (its dense-scores reference) or "absorbed". `remat` ("none", "dots", "full") trades
+        the backward pass's memory for recomputation per layer (REMAT_POLICIES); same gradients.
         With return_aux, also {scores [L,M,E], experts [L,M,K], load [L,E]} over the L MoE layers
         in order (M = B·T tokens), or None for a model without MoE layers.
         """
@@ -232,6 +253,6 @@ class Transformer(nnx.Module):
         def attend(layer, mla, x, sin, cos, carry):
             return mla(x, sin, cos, segment_ids, form=attention_form), carry
 
-        h, _, aux = self.run_layers(self.embed(tokens), sin, cos, attend, moe_reference=moe_reference)
+        h, _, aux = self.run_layers(self.embed(tokens), sin, cos, attend, moe_reference=moe_reference, remat=remat)
         logits = self.logits(h)
         return (logits, aux) if return_aux else logits

@@ -18,7 +18,7 @@ _TRAIN_OPTIONS = {
     "steps": int, "seq_len": int, "batch_size": int, "grad_accum": int, "lr": float, "warmup_steps": int,
     "min_lr_ratio": float, "weight_decay": float, "clip_norm": float, "bias_update_speed": float,
     "seq_aux_alpha": float, "expert_aux_alpha": float, "lora_rank": int, "lora_alpha": float, "seed": int,
-    "save_every": int, "keep": int, "log_every": int,
+    "save_every": int, "keep": int, "log_every": int, "remat": str,
 }
 _HELP = {
     "steps": "optimizer updates in the run (the schedule's length)",
@@ -39,6 +39,8 @@ _HELP = {
     "save_every": "checkpoint every N steps (default 100)",
     "keep": "checkpoints kept (default 3)",
     "log_every": "print a log line every N steps (default 10)",
+    "remat": "recompute activations in the backward pass, per layer: none | dots (keep the weight matmuls' "
+             "outputs) | full (keep each layer's input); less memory, same gradients (default none)",
 }
 
 

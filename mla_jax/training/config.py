@@ -16,6 +16,7 @@ from typing import Any
 
 from mla_jax.config import Config
 from mla_jax.errors import UsageError
+from mla_jax.model import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16")
 
@@ -56,6 +57,9 @@ class TrainConfig:
     # parameter-efficient mode: LoRA rank on the attention projections (0 = full fine-tuning)
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    # backward-pass memory, per layer: "none" keeps every activation, "dots" the weight matmuls'
+    # outputs, "full" only each layer's input; the rest is recomputed (mla_jax.model.REMAT_POLICIES)
+    remat: str = "none"
     # data and bookkeeping
     shuffle: bool = True
     seed: int = 0
@@ -87,6 +91,8 @@ class TrainConfig:
                 bad(name, "a finite number >= 0")
         if self.param_dtype not in DTYPES:
             bad("param_dtype", f"one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            bad("remat", f"one of {tuple(REMAT_POLICIES)}")
         if not isinstance(self.shuffle, bool):
             bad("shuffle", "true or false")
 

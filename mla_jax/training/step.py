@@ -72,7 +72,7 @@ def _loss(spec: Spec, params, frozen, bias, micro, n_targets, n_rows, n_micro):
     tc = spec.tc
     model = spec.layout.merge(spec.weights(params, frozen), bias)
     logits, aux = model(micro["tokens"], positions=micro["positions"], segment_ids=micro["segment_ids"],
-                        return_aux=True)
+                        return_aux=True, remat=tc.remat)
     ce_sum, _ = cross_entropy(logits, micro["targets"], micro["loss_mask"])
     real = micro["segment_ids"] != 0
     b, t = real.shape
