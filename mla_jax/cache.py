@@ -253,7 +253,10 @@ def _get_pages(pages: jax.Array, layer, ids: jax.Array) -> jax.Array:
         shape = pages.shape[2:]
 
         def body(i, out):
-            page = jax.lax.dynamic_slice(pages, (layer, flat[i], *zeros), (1, 1, *shape))[0]
+            # The barrier ties the pages to the loop index: otherwise XLA:CPU hoists a float32
+            # conversion of all of them (twice the cache's size) out of the loop.
+            whole, i = jax.lax.optimization_barrier((pages, i))
+            page = jax.lax.dynamic_slice(whole, (layer, flat[i], *zeros), (1, 1, *shape))[0]
             return jax.lax.dynamic_update_slice(out, page, (i, *zeros))
 
         out = jax.lax.fori_loop(0, flat.shape[0], body, jnp.zeros((flat.shape[0], *shape), pages.dtype))
