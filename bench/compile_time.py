@@ -84,8 +84,18 @@ def hlo_structure(text: str) -> dict:
 
 def cpu_seconds() -> float:
     """CPU time of this process and its finished children (ptxas runs as one), all threads."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own_cpu_seconds() + children_cpu_seconds()
+
+
+def own_cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of finished child processes: ptxas, which Mosaic GPU and XLA run per kernel."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
 
 
 def _lower_unrolled_checkout(model, batch, context, *, implementation, device):
@@ -112,11 +122,11 @@ def _lower_unrolled_checkout(model, batch, context, *, implementation, device):
 def measure(config: Config, *, batch: int, context: int, implementation: str, device) -> dict:
     model = abstract_model(config, jnp.bfloat16)
     lower = getattr(generate, "lower_decode_step", _lower_unrolled_checkout)
-    t0, c0 = time.perf_counter(), cpu_seconds()
+    t0, c0, p0 = time.perf_counter(), cpu_seconds(), children_cpu_seconds()
     lowered = lower(model, batch, context, implementation=implementation, device=device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), cpu_seconds()
     compiled = lowered.compile()
-    t2, c2 = time.perf_counter(), cpu_seconds()
+    t2, c2, p2 = time.perf_counter(), cpu_seconds(), children_cpu_seconds()
     memory = compiled.memory_analysis()
     gib = 1 << 30
     return {
@@ -125,6 +135,11 @@ def measure(config: Config, *, batch: int, context: int, implementation: str, de
         "compile_s": round(t2 - t1, 2),
         "total_s": round(t2 - t0, 2),
         "total_cpu_s": round(c2 - c0, 2),
+        # where the CPU time goes: tracing + lowering (Python, JAX, Mosaic GPU's kernel lowering),
+        # XLA's compile in this process, ptxas in child processes
+        "trace_lower_cpu_s": round(c1 - c0, 2),
+        "compile_cpu_s_without_ptxas": round(c2 - c1 - (p2 - p0), 2),
+        "ptxas_cpu_s": round(p2 - p0, 2),
         "weights_gib": round(memory.argument_size_in_bytes / gib, 2) if memory else None,
         "temp_gib": round(memory.temp_size_in_bytes / gib, 3) if memory else None,
         **hlo_structure(compiled.as_text()),
