@@ -28,6 +28,8 @@ def register(subparsers) -> None:
                                                 f"cache; model: experts and heads); default: proposed")
     p.add_argument("--train", action="store_true", help="also plan one full fine-tuning step (AdamW)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per training row (with --train)")
+    p.add_argument("--remat", default="none", help="with --train: recompute in the backward pass (none, dots, "
+                                                   "full; as finetune --remat)")
     p.add_argument("--no-compile", action="store_true", help="count bytes from the shapes only (instant; "
                                                              "no temporaries, no collectives)")
     p.add_argument("--cache-dtype", choices=sorted(CACHE_DTYPES), default="bfloat16")
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         result = plan(args.model, args.gpus, weights=args.weights, batch=args.batch, context=args.context,
                       mesh=args.mesh, train_seq_len=args.seq_len if args.train else None,
                       compile=not args.no_compile, page_size=args.page_size, cache_dtype=args.cache_dtype,
-                      implementation=args.implementation)
+                      implementation=args.implementation, remat=args.remat)
     except UsageError as e:  # "batch=0; expected ..." -> "--batch 0: expected ..."
         raise UsageError(_as_option(str(e))) from None
     print(format_plan(result))

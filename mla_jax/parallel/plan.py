@@ -427,13 +427,13 @@ def _param_spec(config: Config, name: str, shape, mesh, rules) -> PartitionSpec:
     return PartitionSpec(None, *spec) if stacked else spec
 
 
-def abstract_train(config: Config, fmt: WeightsFormat, *, batch: int, seq_len: int):
+def abstract_train(config: Config, fmt: WeightsFormat, *, batch: int, seq_len: int, remat: str = "none"):
     """(trainer, abstract state, abstract batch [1,B,T]) of full fine-tuning: float32 masters of
     every parameter, AdamW's moments, the routers' biases; weights computed in `fmt`."""
     from mla_jax.training.config import TrainConfig
     from mla_jax.training.step import Trainer
 
-    tc = TrainConfig(seq_len=seq_len, batch_size=batch, param_dtype=fmt.dtype_name)
+    tc = TrainConfig(seq_len=seq_len, batch_size=batch, param_dtype=fmt.dtype_name, remat=remat)
     trainer = Trainer(_abstract_model(config, fmt.dtype_name), tc)
     f32 = lambda tree: {n: jax.ShapeDtypeStruct(v.shape, jnp.float32) for n, v in tree.items()}  # noqa: E731
     params = f32(trainer._base)
@@ -465,9 +465,9 @@ def train_specs(config: Config, state: dict, data: dict, mesh) -> tuple[dict, di
 
 
 def count_train(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict[str, int], *, batch: int,
-                seq_len: int, name: str = "") -> Plan:
+                seq_len: int, name: str = "", remat: str = "none") -> Plan:
     mesh = AbstractMesh(tuple(axes[a] for a in MESH_AXES), MESH_AXES)
-    _, state, data = abstract_train(config, fmt, batch=batch, seq_len=seq_len)
+    _, state, data = abstract_train(config, fmt, batch=batch, seq_len=seq_len, remat=remat)
     specs, _ = train_specs(config, state, data, mesh)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     part = lambda key: layout_bytes(jax.tree.leaves(state[key]), jax.tree.leaves(specs[key], is_leaf=is_spec), mesh)  # noqa: E731
@@ -477,10 +477,10 @@ def count_train(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict
 
 
 def compile_train(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict[str, int], *, batch: int,
-                  seq_len: int):
+                  seq_len: int, remat: str = "none"):
     _ptxas_on_path()
     mesh = make_mesh(axes, topology_devices(cluster))
-    trainer, state, data = abstract_train(config, fmt, batch=batch, seq_len=seq_len)
+    trainer, state, data = abstract_train(config, fmt, batch=batch, seq_len=seq_len, remat=remat)
     specs, data_specs = train_specs(config, state, data, mesh)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     place = lambda tree, sp: jax.tree.map(  # noqa: E731
@@ -506,7 +506,8 @@ def load_config(what: str) -> tuple[str, Config]:
 
 def plan(model: str, gpus: str, *, weights: str = "bf16", batch: int = 32, context: int = 4096,
          mesh: str | None = None, train_seq_len: int | None = None, compile: bool = True,
-         page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype: str = "bfloat16", implementation: str | None = None) -> Plan:
+         page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype: str = "bfloat16", implementation: str | None = None,
+         remat: str = "none") -> Plan:
     """What `mla-jax plan` prints: the decode step (and the train step when `train_seq_len` is given)
     of `model` (a preset name or config.json) on the cluster `gpus`, per device."""
     for name, v in (("batch", batch), ("context", context), ("page_size", page_size)):
@@ -528,9 +529,10 @@ def plan(model: str, gpus: str, *, weights: str = "bf16", batch: int = 32, conte
         result = with_compiled(result, compile_decode(config, cluster, fmt, axes, implementation=implementation,
                                                       **counts))
     if train_seq_len is not None:
-        train = count_train(config, cluster, fmt, axes, batch=batch, seq_len=train_seq_len, name=name)
+        train = count_train(config, cluster, fmt, axes, batch=batch, seq_len=train_seq_len, name=name, remat=remat)
         if compile:
-            train = with_compiled(train, compile_train(config, cluster, fmt, axes, batch=batch, seq_len=train_seq_len))
+            train = with_compiled(train, compile_train(config, cluster, fmt, axes, batch=batch, seq_len=train_seq_len,
+                                                       remat=remat))
         result.train = train
     return result
 

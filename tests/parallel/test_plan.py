@@ -102,6 +102,8 @@ def test_bad_arguments_say_what_was_expected():
         pl.plan("deepseek-v3", "h200x8", mesh="tensor=8", compile=False)
     with pytest.raises(UsageError, match=r"--weights fp8: the model cannot hold fp8 weights yet"):
         pl.plan("deepseek-v3", "h200x8", weights="fp8", compile=False)
+    with pytest.raises(UsageError, match=r"remat='bogus'; expected one of"):
+        pl.plan("deepseek-v2-lite", "h100x1", train_seq_len=64, remat="bogus", compile=False)
     with pytest.raises(UsageError, match=r"no such config file"):
         pl.plan("/nonexistent/config.json", "h200x8", compile=False)
 
