@@ -10,8 +10,9 @@ Routing (gate maths in float32):
 Weights: V3 normalises when norm_topk_prob, then multiplies by routed_scaling_factor; V2 (DeepSeek's
 own code) normalises when top_k > 1 and norm_topk_prob, and otherwise scales.
 
-Dispatch is dropless: the M·K (token, expert) pairs are sorted by expert and run through
-`jax.lax.ragged_dot`, one group per expert. No capacity factor, nothing dropped.
+Dispatch is dropless: the M·K (token, expert) pairs are sorted by expert and run through a grouped
+matmul, one group per expert, chosen by compile target in mla_jax/ops/moe_dispatch.py. No capacity
+factor, nothing dropped.
 
 Dimensions: M tokens, D model dim, E routed experts, G groups, K experts per token, F expert hidden.
 """
@@ -26,6 +27,7 @@ from flax import nnx
 
 from mla_jax.config import Config
 from mla_jax.layers import INIT_STD, MLP, RouterBias
+from mla_jax.ops import moe_dispatch
 
 
 class Routing(NamedTuple):
@@ -89,32 +91,18 @@ def route(logits: jax.Array, config: Config, bias: jax.Array | None = None) -> R
     return Routing(weights, experts.astype(jnp.int32), scores)
 
 
-def dispatch(x, routing: Routing, w_gate, w_up, w_down):
+def dispatch(x, routing: Routing, w_gate, w_up, w_down, *, implementation: str | None = None):
     """Dropless expert computation. x [M,D]; w_gate, w_up [E,D,F]; w_down [E,F,D] -> [M,D].
 
-    Pairs (token, expert) are sorted by expert so that each expert multiplies one contiguous slab.
+    The grouped-matmul implementation follows the compile target (mla_jax/ops/moe_dispatch.py).
     """
-    m, k = routing.experts.shape
-    n_experts = w_gate.shape[0]
-    flat_expert = routing.experts.reshape(-1)  # [M·K]
-    order = jnp.argsort(flat_expert, stable=True)
-    token = order // k
-    group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
-    xs = x[token].astype(w_gate.dtype)  # [M·K, D], expert-major
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
-    ys = jax.lax.ragged_dot(h, w_down, group_sizes)  # [M·K, D]
-    ys = ys * routing.weights.reshape(-1)[order][:, None].astype(ys.dtype)
-    return jnp.zeros((m, x.shape[-1]), ys.dtype).at[token].add(ys)
+    return moe_dispatch.dispatch(x, routing.weights, routing.experts, w_gate, w_up, w_down,
+                                 implementation=implementation)
 
 
 def dispatch_reference(x, routing: Routing, w_gate, w_up, w_down):
     """Every expert on every token, combined with a dense [M,E] weight matrix. For tests only."""
-    m, _ = routing.experts.shape
-    h = jax.nn.silu(jnp.einsum("MD,EDF->MEF", x, w_gate)) * jnp.einsum("MD,EDF->MEF", x, w_up)
-    y = jnp.einsum("MEF,EFD->MED", h, w_down)
-    combine = jnp.zeros((m, w_gate.shape[0]), jnp.float32)
-    combine = combine.at[jnp.arange(m)[:, None], routing.experts].add(routing.weights)
-    return jnp.einsum("MED,ME->MD", y, combine.astype(y.dtype))
+    return moe_dispatch.dispatch_reference(x, routing.weights, routing.experts, w_gate, w_up, w_down)
 
 
 def expert_load(routing: Routing, n_experts: int) -> jax.Array:
@@ -156,13 +144,19 @@ class MoE(nnx.Module):
         bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias[...]
         return route(logits, self.config, bias)
 
-    def __call__(self, x: jax.Array, *, reference: bool = False):
-        """x [B,T,D] -> (y [B,T,D], aux) with aux = {scores [M,E], experts [M,K], load [E]}."""
+    def __call__(self, x: jax.Array, *, reference: bool = False, implementation: str | None = None):
+        """x [B,T,D] -> (y [B,T,D], aux) with aux = {scores [M,E], experts [M,K], load [E]}.
+
+        `reference` runs the dense form; `implementation` overrides the grouped matmul's choice.
+        """
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         r = self.routing(flat)
-        run = dispatch_reference if reference else dispatch
-        y = run(flat, r, self.experts.gate_proj[...], self.experts.up_proj[...], self.experts.down_proj[...])
+        weights = (self.experts.gate_proj[...], self.experts.up_proj[...], self.experts.down_proj[...])
+        if reference:
+            y = dispatch_reference(flat, r, *weights)
+        else:
+            y = dispatch(flat, r, *weights, implementation=implementation)
         y = y.astype(x.dtype).reshape(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

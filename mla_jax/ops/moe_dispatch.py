@@ -1,0 +1,276 @@
+"""Routed-expert computation (dropless MoE dispatch), one implementation per compile target.
+
+`dispatch` sorts the M·K (token, expert) pairs by expert and runs the three expert projections as
+grouped matmuls: pair rows of one expert multiply that expert's weights only, so the work is the
+routed work (K experts per token), never all E. Which grouped matmul runs is chosen here, once:
+
+* CUDA (Hopper and newer): tokamax's Mosaic GPU `ragged_dot`, forward and backward kernels.
+  tokamax reads the architecture from the *default device*; when compiling for a GPU from a
+  CPU-only process, trace under `jax.default_device(<a GPU topology device>)` (bench/gpu_compile.py).
+  A GPU tokamax cannot serve (older than sm90, or tokamax missing) gets the loop form below.
+* Anything else (CPU, TPU): `grouped_matmul_loops`, XLA while-loops over the experts that have
+  rows and over row tiles inside each; float32 arithmetic on weights converted one expert at a time,
+  because XLA:CPU multiplies bfloat16 by converting the whole weight to a fresh float32 buffer.
+  A decode step (a few rows) touches only the chosen experts' weights.
+* `MLA_JAX_PLATFORM=gpu|cpu` overrides the choice (mla_jax/ops/platform.py).
+
+`dispatch_reference` multiplies every token by every expert and combines with a dense [M,E]
+weight matrix: the specification the implementations are tested against, never used to run.
+
+Dimensions: M tokens, K experts per token, P = M·K pair rows, D model dim, E experts, F expert hidden.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mla_jax.ops import platform
+
+# Row tiles of the loop form: whole tiles of BIG rows, then the rest of an expert's rows in tiles of
+# SMALL (at most SMALL - 1 padded rows per expert; a decode step's one or two rows per expert pay
+# for SMALL, not BIG).
+BIG_TILE = 64
+SMALL_TILE = 8
+
+
+# ------------------------------------------------------------------------ the dispatch
+# Pair rows per forward chunk: the forward's temporaries (the gathered rows [P,D], the expert
+# outputs [P,D], the hidden [P,F] three times) are bounded by this, not by the token count. V3 at
+# 65,536 rows: 0.9 GiB of gathered rows. The backward recomputes the whole batch in one piece.
+MAX_ROWS = 65536
+
+
+def dispatch(x, weights, experts, w_gate, w_up, w_down, *, implementation: str | None = None,
+             max_rows: int = MAX_ROWS):
+    """Dropless routed experts. x [M,D]; weights [M,K] (float32), experts [M,K] int;
+    w_gate, w_up [E,D,F]; w_down [E,F,D] -> [M,D] in the weights' dtype.
+
+    `implementation` ("tokamax" | "loops" | "ragged_dot") overrides the platform's choice; tests use it.
+    Batches of more than `max_rows` pair rows run forward in token chunks.
+    """
+    m, k = experts.shape
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS} or None")
+    if m * k <= max_rows:
+        return _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation)
+    return _chunked(x, weights, experts.astype(jnp.int32), w_gate, w_up, w_down, implementation,
+                    max(1, max_rows // k))
+
+
+def _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation):
+    """All M tokens in one piece."""
+    m, k = experts.shape
+    n_experts = w_gate.shape[0]
+    flat_expert = experts.reshape(-1).astype(jnp.int32)  # [P]
+    order = jnp.argsort(flat_expert, stable=True)
+    token = order // k  # [P] source token of each sorted pair row
+    group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)  # [E]
+    xs = x[token].astype(w_gate.dtype)  # [P,D], expert-major
+    gmm = functools.partial(grouped_matmul, implementation=implementation)
+    h = jax.nn.silu(gmm(xs, w_gate, group_sizes)) * gmm(xs, w_up, group_sizes)  # [P,F]
+    ys = gmm(h, w_down, group_sizes)  # [P,D]
+    ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
+    return jnp.zeros((m, x.shape[-1]), ys.dtype).at[token].add(ys)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _chunked(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_tokens):
+    """Forward in chunks of `chunk_tokens` tokens (memory bounded); gradients as `_dispatch`'s."""
+    m, k = experts.shape
+    n = -(-m // chunk_tokens)
+    pad = n * chunk_tokens - m  # padded tokens go to expert 0 with weight 0
+
+    def split(a):
+        return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(n, chunk_tokens, *a.shape[1:])
+
+    def one(chunk):
+        return _dispatch(*chunk, w_gate, w_up, w_down, implementation)
+
+    y = lax.map(one, (split(x), split(weights), split(experts)))  # [n, chunk, D]
+    return y.reshape(n * chunk_tokens, -1)[:m]
+
+
+def _chunked_fwd(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_tokens):
+    y = _chunked(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_tokens)
+    return y, (x, weights, experts, w_gate, w_up, w_down)
+
+
+def _chunked_bwd(implementation, chunk_tokens, res, dy):
+    x, weights, experts, w_gate, w_up, w_down = res
+
+    def whole(x, weights, w_gate, w_up, w_down):
+        return _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation)
+
+    _, vjp = jax.vjp(whole, x, weights, w_gate, w_up, w_down)
+    dx, dweights, dgate, dup, ddown = vjp(dy)
+    return dx, dweights, None, dgate, dup, ddown
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def dispatch_reference(x, weights, experts, w_gate, w_up, w_down):
+    """Every expert on every token, combined with a dense [M,E] weight matrix. For tests only."""
+    m, _ = experts.shape
+    h = jax.nn.silu(jnp.einsum("MD,EDF->MEF", x, w_gate)) * jnp.einsum("MD,EDF->MEF", x, w_up)
+    y = jnp.einsum("MEF,EFD->MED", h, w_down)
+    combine = jnp.zeros((m, w_gate.shape[0]), jnp.float32)
+    combine = combine.at[jnp.arange(m)[:, None], experts].add(weights)
+    return jnp.einsum("MED,ME->MD", y, combine.astype(y.dtype))
+
+
+# ------------------------------------------------------------------------ the grouped matmul
+IMPLEMENTATIONS = ("tokamax", "loops", "ragged_dot")
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None):
+    """lhs [P,D] (rows sorted by group) · rhs [E,D,F] per group -> [P,F] in lhs' dtype.
+
+    Same contract as `jax.lax.ragged_dot`: group e owns the next group_sizes[e] rows; rows past
+    sum(group_sizes) come out zero.
+    """
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != (rhs.shape[0],) or lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"grouped_matmul: expected lhs [P,D], rhs [E,D,F], group_sizes [E]; found "
+                         f"{lhs.shape=}, {rhs.shape=}, {group_sizes.shape=}")
+    if implementation is not None:
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS} or None")
+        return _BY_NAME[implementation](lhs, rhs, group_sizes)
+    return platform.by_platform(lhs, rhs, group_sizes, gpu=_gpu, default=grouped_matmul_loops)
+
+
+def _gpu(lhs, rhs, group_sizes):
+    """tokamax's Mosaic GPU kernel where tokamax can build it for the default device, else the loops."""
+    if not tokamax_serves():
+        return grouped_matmul_loops(lhs, rhs, group_sizes)
+    return grouped_matmul_tokamax(lhs, rhs, group_sizes)
+
+
+def tokamax_serves() -> bool:
+    """Whether tokamax's Mosaic GPU ragged_dot supports the default device (sm90 or sm100)."""
+    try:
+        from tokamax._src import gpu_utils
+    except ImportError:
+        return False
+    return gpu_utils.is_sm90() or gpu_utils.is_sm100()
+
+
+def grouped_matmul_tokamax(lhs, rhs, group_sizes):
+    import tokamax
+    from absl import flags
+
+    # tokamax reads its absl flags on first use by parsing sys.argv, which holds the arguments of
+    # whatever program imported us (pytest, a CLI) and fails on them; its defaults are what we want.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation="mosaic")
+
+
+def grouped_matmul_ragged_dot(lhs, rhs, group_sizes):
+    """`jax.lax.ragged_dot` as XLA lowers it (jax 0.10: one dense dot over all groups)."""
+    return lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+# ------------------------------------------------------------------------ the loop form
+def _tiles(p: int) -> tuple[int, int]:
+    """(big, small) row tiles for P rows, never taller than P."""
+    return min(BIG_TILE, p), min(SMALL_TILE, p)
+
+
+def _row_tile(arr, row0, tile, first, end):
+    """arr[row0 : row0+tile] (clamped inside arr) as float32, rows outside [first, end) zeroed;
+    also returns the clamped start and the row mask [tile]."""
+    start = jnp.minimum(row0, arr.shape[0] - tile)
+    rows = start + jnp.arange(tile)
+    mine = (rows >= first) & (rows < end)
+    block = lax.dynamic_slice_in_dim(arr, start, tile, axis=0).astype(jnp.float32)
+    return jnp.where(mine[:, None], block, 0.0), start, mine
+
+
+def _for_each_tile(size, p: int, body, carry):
+    """Runs body(row_offset, tile, carry) over an expert's `size` rows: BIG tiles, then SMALL ones."""
+    big, small = _tiles(p)
+    if small == big:  # fewer rows than a big tile: one tile size
+        return lax.fori_loop(0, (size + big - 1) // big, lambda j, c: body(j * big, big, c), carry)
+    n_big = size // big
+    carry = lax.fori_loop(0, n_big, lambda j, c: body(j * big, big, c), carry)
+    rest = size - n_big * big
+    return lax.fori_loop(0, (rest + small - 1) // small,
+                         lambda j, c: body(n_big * big + j * small, small, c), carry)
+
+
+def _active_experts(group_sizes):
+    """(experts with rows first [E], how many have rows, first row of each expert [E])."""
+    has_rows = group_sizes > 0
+    order = jnp.argsort(~has_rows, stable=True).astype(jnp.int32)
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    return order, jnp.sum(has_rows).astype(jnp.int32), starts
+
+
+def _gmm_loops(lhs, rhs, group_sizes, transpose_rhs: bool):
+    """Forward grouped matmul: lhs [P,D] · rhs[e] ([D,F], or [F,D] transposed) -> [P,F] lhs.dtype."""
+    p = lhs.shape[0]
+    f = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    active, n_active, starts = _active_experts(group_sizes)
+    contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+
+    def expert(i, out):
+        e = active[i]
+        first, size = starts[e], group_sizes[e]
+        w = lax.dynamic_index_in_dim(rhs, e, axis=0, keepdims=False).astype(jnp.float32)  # this expert only
+
+        def tile_body(offset, tile, out):
+            x, start, mine = _row_tile(lhs, first + offset, tile, first + offset, first + size)
+            y = lax.dot_general(x, w, contract)  # [tile,F] float32
+            old = lax.dynamic_slice_in_dim(out, start, tile, axis=0)
+            return lax.dynamic_update_slice_in_dim(out, jnp.where(mine[:, None], y.astype(out.dtype), old), start, 0)
+
+        return _for_each_tile(size, p, tile_body, out)
+
+    return lax.fori_loop(0, n_active, expert, jnp.zeros((p, f), lhs.dtype))
+
+
+def _tgmm_loops(lhs, dout, group_sizes, rhs_like):
+    """Per-group lhsᵀ·dout: lhs [P,D], dout [P,F] -> [E,D,F] in rhs_like's dtype (0 for empty groups)."""
+    p = lhs.shape[0]
+    active, n_active, starts = _active_experts(group_sizes)
+
+    def expert(i, grad):
+        e = active[i]
+        first, size = starts[e], group_sizes[e]
+
+        def tile_body(offset, tile, acc):
+            x, start, _ = _row_tile(lhs, first + offset, tile, first + offset, first + size)
+            dy, _, _ = _row_tile(dout, first + offset, tile, first + offset, first + size)
+            return acc + lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
+
+        acc = _for_each_tile(size, p, tile_body, jnp.zeros(rhs_like.shape[1:], jnp.float32))
+        return lax.dynamic_update_index_in_dim(grad, acc.astype(grad.dtype), e, axis=0)
+
+    return lax.fori_loop(0, n_active, expert, jnp.zeros(rhs_like.shape, rhs_like.dtype))
+
+
+@jax.custom_vjp
+def grouped_matmul_loops(lhs, rhs, group_sizes):
+    """The grouped matmul as XLA loops: only experts with rows, only their rows (plus tile padding)."""
+    return _gmm_loops(lhs, rhs, group_sizes, transpose_rhs=False)
+
+
+def _loops_fwd(lhs, rhs, group_sizes):
+    return _gmm_loops(lhs, rhs, group_sizes, transpose_rhs=False), (lhs, rhs, group_sizes)
+
+
+def _loops_bwd(res, dout):
+    lhs, rhs, group_sizes = res
+    dlhs = _gmm_loops(dout, rhs, group_sizes, transpose_rhs=True).astype(lhs.dtype)  # dout · rhs[e]ᵀ
+    drhs = _tgmm_loops(lhs, dout, group_sizes, rhs)
+    return dlhs, drhs, None
+
+
+grouped_matmul_loops.defvjp(_loops_fwd, _loops_bwd)
+
+_BY_NAME = {"tokamax": grouped_matmul_tokamax, "loops": grouped_matmul_loops, "ragged_dot": grouped_matmul_ragged_dot}
