@@ -10,7 +10,14 @@ GPU mode (when JAX sees a GPU): V2-Lite layer shapes with random bf16 weights an
 over several batch sizes, the latent-cache decode through the Mosaic GPU kernel and the XLA
 reference; transformers joins only when torch sees a GPU too.
 
-Writes bench/results/generate-<cpu|gpu>-<date>.json (machine, versions, settings, figures).
+V2-Lite mode (`--mode v2-lite`, CPU): V2-Lite layer shapes with `--layers` layers (the first dense),
+random bf16 weights made once by transformers and loaded by both sides (ours as `--param-dtype`;
+float32 holds the bf16 values exactly), random prompts of `--prompt` tokens, greedy, 32 new tokens,
+at `--batches`. Prefill tok/s = batch x prompt / time to generate 1 token; the memory-bandwidth
+roofline (host copy GB/s over the bf16 weight bytes a decode step reads) measured in the same run.
+
+Writes bench/results/generate-<cpu|gpu|v2-lite>-<date>[-<param dtype>].json (machine, versions,
+settings, figures).
 """
 
 from __future__ import annotations
@@ -131,27 +138,26 @@ def v2_lite_shapes(layers: int, smoke: bool) -> Config:
     return config
 
 
-def random_pair(config: Config, torch_device: str | None):
-    """(transformers model on torch_device or None, our bf16 model with the same random weights)."""
-    import tempfile
+def random_pair(config: Config, torch_device: str | None, param_dtype=jnp.bfloat16):
+    """(transformers model on torch_device or None, our model with the same random bf16 weights).
 
+    Our side holds them as `param_dtype` (float32 keeps the bf16 values exactly).
+    """
     from flax import nnx
 
     from mla_jax import Transformer
 
     if torch_device is None:
-        return None, Transformer(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        return None, Transformer(config, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from checkpoints.demo import load_tiny
+    from checkpoints.state_dict import load_state_dict
 
     torch.manual_seed(0)
     hf_config = AutoConfig.for_model(**config.to_hf())
     hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        _, ours = load_tiny(tmp, param_dtype=jnp.bfloat16)
+    ours = load_state_dict(config, hf.state_dict(), param_dtype=param_dtype)
     return hf.to(torch_device), ours
 
 
@@ -184,6 +190,91 @@ def gpu_bench(args) -> dict:
             "rows": rows, "prompt_tokens": args.gpu_prompt}
 
 
+def copy_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Memory traffic of a large host copy (bytes read + bytes written per second), median."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch every page first
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_decode_step(config: Config, batch: int, bytes_per_param: int = 2) -> dict:
+    """Weight bytes one decode step reads: everything but the embedding table and the routed
+    experts, plus the routed experts a batch touches (expected distinct experts of `batch` tokens
+    choosing K of E uniformly: E·(1 - (1 - K/E)^batch))."""
+    from flax import nnx
+
+    from mla_jax import Transformer
+    from mla_jax.layers import param_count
+
+    abstract = nnx.eval_shape(lambda: Transformer(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    total = param_count(nnx.state(abstract))
+    embed = config.vocab_size * config.hidden_size
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    routed = moe_layers * e * per_expert
+    touched = e * (1 - (1 - k / e) ** batch)
+    params = total - embed - routed + moe_layers * touched * per_expert
+    return {"bytes": int(params * bytes_per_param), "expected_distinct_experts": touched}
+
+
+def prefill_decode(run, batch: int, prompt: int, new_tokens: int, repeats: int) -> dict:
+    """Prefill tok/s = batch·prompt / t(1 token); decode tok/s as `decode_rate`."""
+    row = decode_rate(run, batch, new_tokens, repeats)
+    row["prefill_tokens_per_s"] = batch * prompt / row["seconds_for_1_token"]
+    return row
+
+
+def v2_lite_bench(args) -> dict:
+    """V2-Lite layer shapes, random bf16 weights, both libraries side by side on CPU."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    config = v2_lite_shapes(args.layers, args.smoke)
+    param_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.param_dtype]
+    hf, model = random_pair(config, "cpu", param_dtype)
+    bandwidth = copy_bandwidth_gbs()
+    print(f"  host copy bandwidth (read + write) {bandwidth:.1f} GB/s")
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.batches:
+        prompts = [rng.integers(0, config.vocab_size, args.prompt).tolist() for _ in range(batch)]
+        weights = weight_bytes_per_decode_step(config, batch)
+        roofline = batch * bandwidth * 1e9 / weights["bytes"]
+        for name, run in [("transformers generate (torch, bf16 weights and compute)", hf_runner(hf, prompts)),
+                          (f"mla_jax generate ({args.param_dtype} weights, bf16 latent cache)",
+                           ours_runner(model, prompts))]:
+            row = {"name": name, "batch": batch,
+                   **prefill_decode(run, batch, args.prompt, args.new_tokens, args.repeats),
+                   "bf16_weight_bytes_per_step": weights["bytes"],
+                   "expected_distinct_experts": weights["expected_distinct_experts"],
+                   "roofline_decode_tokens_per_s": roofline}
+            row["fraction_of_roofline"] = row["decode_tokens_per_s"] / roofline
+            rows.append(row)
+            print(f"  batch {batch}: {name:<58} prefill {row['prefill_tokens_per_s']:>9,.1f} tok/s  decode "
+                  f"{row['decode_tokens_per_s']:>7,.1f} tok/s ({row['fraction_of_roofline']:.0%} of roofline "
+                  f"{roofline:,.1f})", flush=True)
+        ours, theirs = rows[-1], rows[-2]
+        ours["decode_speedup_vs_transformers"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+        ours["prefill_speedup_vs_transformers"] = ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]
+        print(f"  batch {batch}: decode {ours['decode_speedup_vs_transformers']:.2f}x, prefill "
+              f"{ours['prefill_speedup_vs_transformers']:.2f}x transformers'")
+    return {"model": f"V2-Lite layer shapes, {args.layers} layers ({_describe(config)}), random bf16 weights "
+                     "shared by both sides" + (" (SMOKE: shrunk widths)" if args.smoke else ""),
+            "rows": rows, "prompt_tokens": args.prompt, "new_tokens": args.new_tokens,
+            "copy_bandwidth_GBs": bandwidth,
+            "roofline_method": "batch x copy bandwidth / bf16 weight bytes read per decode step",
+            "load_average_at_end": os.getloadavg(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
 def _describe(c: Config) -> str:
     return (f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
             f"latent {c.kv_lora_rank}+{c.qk_rope_head_dim}, {c.n_routed_experts} experts top-{c.num_experts_per_tok}")
@@ -192,6 +283,8 @@ def _describe(c: Config) -> str:
 def write_result(kind: str, result: dict) -> str:
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     path = os.path.join(HERE, "results", f"generate-{kind}-{datetime.date.today().isoformat()}.json")
+    if kind == "v2-lite":
+        path = path.replace(".json", f"-{result['settings']['param_dtype']}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
@@ -208,13 +301,22 @@ def main() -> int:
     p.add_argument("--gpu-layers", type=int, default=4)
     p.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--gpu-prompt", type=int, default=512)
-    p.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto")
-    p.add_argument("--smoke", action="store_true", help="GPU mode with tiny widths, anywhere; writes nothing")
+    p.add_argument("--mode", choices=("auto", "cpu", "gpu", "v2-lite"), default="auto",
+                   help="v2-lite: V2-Lite layer shapes on CPU, transformers side by side")
+    p.add_argument("--layers", type=int, default=2, help="v2-lite mode: decoder layers (the first dense)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="v2-lite mode")
+    p.add_argument("--prompt", type=int, default=128, help="v2-lite mode: prompt tokens")
+    p.add_argument("--param-dtype", choices=("bfloat16", "float32"), default="float32",
+                   help="v2-lite mode: how our side holds the (bf16) weights")
+    p.add_argument("--smoke", action="store_true", help="GPU / v2-lite mode with tiny widths; writes nothing")
     args = p.parse_args()
     kind = args.mode if args.mode != "auto" else ("gpu" if jax.default_backend() == "gpu" else "cpu")
     device = jax.devices()[0]
     print(f"bench/generate.py: {kind} mode on {device.device_kind} (jax {jax.__version__})")
-    result = cpu_bench(args) if kind == "cpu" else gpu_bench(args)
+    bench = {"cpu": cpu_bench, "gpu": gpu_bench, "v2-lite": v2_lite_bench}[kind]
+    if kind == "v2-lite" and args.new_tokens == p.get_default("new_tokens"):
+        args.new_tokens = 32
+    result = bench(args)
     result.update({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
