@@ -176,6 +176,9 @@ def main() -> int:
                    help="grouped matmul override (default: what the target gets)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # tokamax warns of every autotuning-cache miss, arrays included
     print(f"bench/gpu_compile.py: V3 MoE layer, {args.tokens} tokens, for {args.target} (jax {jax.__version__})")
     result = check_moe_layer(args.tokens, args.target, args.implementation)
     import tokamax
