@@ -109,11 +109,11 @@ class MLA(nnx.Module):
     # W_UK [C,N,H] and W_UV [C,N,Hv] are two column blocks of kv_b_proj.
     @property
     def w_uk(self) -> jax.Array:
-        return self.kv_b_proj.kernel[...][..., : self.config.qk_nope_head_dim]
+        return self.kv_b_proj.weight()[..., : self.config.qk_nope_head_dim]
 
     @property
     def w_uv(self) -> jax.Array:
-        return self.kv_b_proj.kernel[...][..., self.config.qk_nope_head_dim :]
+        return self.kv_b_proj.weight()[..., self.config.qk_nope_head_dim :]
 
     def queries(self, x, sin, cos):
         """x [B,T,D] -> q_nope [B,T,N,H], q_rope [B,T,N,R] (rotated)."""

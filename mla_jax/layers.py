@@ -1,7 +1,9 @@
 """Small parameter holders shared by the model: linear maps, RMSNorm, the SwiGLU MLP.
 
 Kernels are stored input-first ([in, *out]); a hub `nn.Linear` weight [out, in] maps to them by a
-transpose and reshape in `checkpoints.names`. Dimensions: D model, F hidden, and any out shape.
+transpose and reshape in `checkpoints.names`. A kernel may hold quantized values instead
+(`mla_jax.quant.apply` sets `quant` and `kernel_scale_inv`); `weight()` then dequantizes it, inside
+the step, one layer's matrix at a time. Dimensions: D model, F hidden, and any out shape.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mla_jax.quant.blocks import Quantized, dequantize
 
 INIT_STD = 0.02
 
@@ -29,9 +33,15 @@ class Linear(nnx.Module):
         init = jax.nn.initializers.normal(INIT_STD)
         self.kernel = nnx.Param(init(rngs.params(), (in_features, *out_shape), param_dtype))
         self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype)) if bias else None
+        self.quant: Quantized | None = None
+        self.kernel_scale_inv = nnx.data(None)
+
+    def weight(self) -> jax.Array:
+        """The kernel [in, *out], dequantized when it is stored quantized."""
+        return _weight(self)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...]
+        kernel = self.weight()
         y = jnp.tensordot(x.astype(kernel.dtype), kernel, axes=((x.ndim - 1,), (0,)))
         if self.bias is not None:
             y = y + self.bias[...]
@@ -46,13 +56,25 @@ class OutProj(nnx.Module):
         init = jax.nn.initializers.normal(INIT_STD)
         self.kernel = nnx.Param(init(rngs.params(), (heads, head_dim, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if bias else None
+        self.quant: Quantized | None = None
+        self.kernel_scale_inv = nnx.data(None)
+
+    def weight(self) -> jax.Array:
+        """The kernel [N, H, D], dequantized when it is stored quantized."""
+        return _weight(self)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...]
+        kernel = self.weight()
         y = jnp.einsum("BTNH,NHD->BTD", x.astype(kernel.dtype), kernel)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+def _weight(module) -> jax.Array:
+    if module.quant is None:
+        return module.kernel[...]
+    return dequantize(module.kernel[...], module.kernel_scale_inv[...], module.quant)
 
 
 class RMSNorm(nnx.Module):
