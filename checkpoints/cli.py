@@ -34,6 +34,10 @@ def register(subparsers) -> None:
     p.add_argument("src", help="model directory with config.json and weights")
     p.add_argument("dst", help="checkpoint directory to create")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="stored weight dtype (default bfloat16)")
+    p.add_argument("--weights", choices=("fp8", "int8"), default=None,
+                   help="keep the projections quantized: fp8 keeps a DeepSeek FP8 release's weights and block "
+                        "scales as released; int8 quantizes a bfloat16/float32 model per output channel "
+                        "(default: every weight in --dtype)")
     p.add_argument("--keep-mtp", action="store_true", help="also keep the multi-token-prediction layer")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it is an mla-jax checkpoint")
     p.set_defaults(func=_convert)
@@ -54,7 +58,7 @@ def _convert(args) -> int:
     from checkpoints.convert import convert
 
     r = convert(args.src, args.dst, dtype=args.dtype, keep_mtp=args.keep_mtp, overwrite=args.overwrite,
-                progress=sys.stderr.isatty())
+                progress=sys.stderr.isatty(), weights=args.weights)
     mtp = f", {r.mtp_tensors} MTP tensors kept" if r.mtp_tensors else ""
     print(f"wrote {r.dst}: {r.tensors} tensors, {_size(r.bytes_read)} read in {r.seconds:.1f} s "
           f"({_size(r.bytes_read / max(r.seconds, 1e-9))}/s){mtp}")

@@ -11,6 +11,11 @@ checkpoint (`mla_jax.staging`): never inside, equal to or containing the checkpo
 writes beside config.json (format, source, dtype). A marker file rather than a field in config.json
 or the safetensors metadata: transformers copies unknown config fields into every model it saves,
 so a config field would mark directories we did not write, and the file is plain to see in a listing.
+
+An FP8 checkpoint (`convert --weights fp8`) exports as an FP8 release: e4m3 weights, their
+`weight_scale_inv` in the dtype the source stored them in, and `quantization_config`; unmodified,
+every tensor is bit-identical to the source's. An int8 checkpoint has no hub format that
+transformers loads, and is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from checkpoints import safetensors_io as st
 from mla_jax import store
 from mla_jax.config import Config
 from mla_jax.errors import UsageError
-from mla_jax.weights import as_dtype
+from mla_jax.weights import as_dtype, stored_scheme
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 << 30
@@ -76,7 +81,15 @@ def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overw
     layout = store.read_layout(ckpt)
     config = Config.from_hf(os.path.join(ckpt, store.CONFIG_FILE))
     cast = None if dtype is None else as_dtype(dtype)
-    plan = _plan(config, layout, cast, ckpt)
+    scheme = stored_scheme(ckpt, layout)
+    if scheme is not None and scheme.method != "fp8":
+        raise UsageError(f"{ckpt}: its weights are quantized to {scheme.method}, which has no Hugging Face format "
+                         "that transformers loads; export the bfloat16 checkpoint it was converted from instead")
+    if scheme is not None and cast is not None:
+        raise UsageError(f"{ckpt}: an FP8 checkpoint exports as FP8 with its block scales (a DeepSeek release); "
+                         f"dtype={dtype!r} would need dequantizing, which export does not do: convert the "
+                         "release without --weights for a bfloat16 model")
+    plan = _plan(config, layout, cast, ckpt, scheme)
     shards = _shards(plan, max_shard_bytes)
     name = cast.name if cast is not None else layout["dtype"]
 
@@ -100,17 +113,19 @@ def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overw
         store.write_json(os.path.join(stage.tmp, MARKER_FILE),
                          {"format": MARKER_FORMAT, "version": 1, "source": ckpt, "dtype": name})
         hf_config = config.to_hf()
+        if scheme is not None:
+            hf_config["quantization_config"] = scheme.to_hf()
         if name != "mixed":
             hf_config["torch_dtype"] = name
         store.write_json(os.path.join(stage.tmp, store.CONFIG_FILE), hf_config)
         return stage.publish()
 
 
-def _plan(config: Config, layout: dict, cast, ckpt: str) -> list[_Tensor]:
+def _plan(config: Config, layout: dict, cast, ckpt: str, scheme=None) -> list[_Tensor]:
     """Every hub tensor, in the order the stored parts will produce them."""
     stored = store.stored_variables(layout)
     by_path: dict[store.Path, list[names.Entry]] = {}
-    for e in names.entries(config):
+    for e in names.entries(config, with_scales=scheme is not None):
         by_path.setdefault(e.path, []).append(e)
     missing = [store.path_name(p) for p in by_path if p not in stored]
     if missing:
@@ -126,7 +141,9 @@ def _plan(config: Config, layout: dict, cast, ckpt: str) -> list[_Tensor]:
                 raise store.CheckpointError(f"{ckpt}: stored variable {store.path_name(path)} is not part of the model config.json describes")
             for e in by_path[path]:
                 own = shape[1:] if e.expert is not None else shape
-                plan.append(_Tensor(e.hf, dtype, names.hub_shape(e, own), path, e))
+                # scales are kept in float32 and go back out in the source's dtype (exact: powers of two)
+                out_dtype = store.dtype_named(scheme.scale_dtype) if e.kind == names.SCALE else dtype
+                plan.append(_Tensor(e.hf, out_dtype, names.hub_shape(e, own), path, e))
     return plan
 
 
@@ -147,7 +164,9 @@ def _hub_tensors(ckpt: str, layout: dict, plan: list[_Tensor], bar, stage: store
     """Yields the plan's tensors in order, restoring one stored part at a time; an interrupt
     received meanwhile is acted on between tensors."""
     stored = store.stored_variables(layout)
-    targets = {t.path: jax.ShapeDtypeStruct(stored[t.path][0], t.dtype) for t in plan}
+    targets = {t.path: jax.ShapeDtypeStruct(stored[t.path][0], store.dtype_named(stored[t.path][1])
+                                            if t.entry is not None and t.entry.kind == names.SCALE else t.dtype)
+               for t in plan}
     groups = itertools.groupby(plan, key=lambda t: t.path)  # a variable's hub tensors are consecutive
     for path, array in store.restore(ckpt, layout, targets, verify=verify):
         group_path, group = next(groups)
@@ -159,6 +178,8 @@ def _hub_tensors(ckpt: str, layout: dict, plan: list[_Tensor], bar, stage: store
                 out = array
             else:
                 out = names.to_hub(t.entry, array if t.entry.expert is None else array[t.entry.expert])
+                if out.dtype != t.dtype:  # a scale back to its source dtype
+                    out = out.astype(t.dtype)
             bar.update(t.nbytes)
             stage.check()
             yield out

@@ -9,6 +9,10 @@ bit-identical to theirs. For float32 output the float32 product is kept as it is
 through bfloat16 would throw away 16 bits the checkpoint holds (issue 9 found the logits of a small
 V3-layout MoE model moved by 17% that way, router choices flipped). Which tensors are quantized is decided by the presence of `<name>_scale_inv`
 and checked against each weight's dtype and `config.json`'s `quantization_config`.
+
+`keeping` is the other road (`mla-jax convert --weights fp8`): the e4m3 values and their scales go
+into the checkpoint as they are (scales as float32, exact for every stored format), and the model
+computes with them (`mla_jax.quant`).
 """
 
 from __future__ import annotations
@@ -94,6 +98,16 @@ def dequantizing(source: Source, quant: Quantization | None, config_path: str, d
             "quantization_config (expected quant_method 'fp8' with weight_block_size)"
         )
     out = {n: r for n, r in refs.items() if n not in scale_names}
+    for weight, scale in _pairs(refs, fp8_names, scale_names, quant):
+        out[weight.name] = Ref(weight.name, weight.file, dtype, weight.shape,
+                               lambda w=weight, s=scale: _read(w, s, quant, dtype))
+    return Source(source.directory, out, source.kind)
+
+
+def _pairs(refs: Mapping[str, Ref], fp8_names, scale_names, quant: Quantization) -> list[tuple[Ref, Ref]]:
+    """(weight, scale) of every quantized tensor, each checked: dtypes, the scale's shape for the
+    block size, no scale without its FP8 weight and no FP8 weight without its scale."""
+    pairs = []
     for name in scale_names:
         weight_name = name[: -len(SCALE_SUFFIX)]
         scale = refs[name]
@@ -109,20 +123,46 @@ def dequantizing(source: Source, quant: Quantization | None, config_path: str, d
             )
         if scale.dtype not in _SCALE_DTYPES:
             raise CheckpointError(f"{scale.file}: scale {name!r} has dtype {scale.dtype}; expected float32 or float8_e8m0fnu")
-        out[weight_name] = Ref(weight_name, weight.file, dtype, weight.shape,
-                               lambda w=weight, s=scale: _read(w, s, quant, dtype))
+        pairs.append((weight, scale))
     unscaled = [n for n in fp8_names if n + SCALE_SUFFIX not in refs]
     if unscaled:
         raise CheckpointError(
             f"{refs[unscaled[0]].file}: float8_e4m3fn tensor(s) {unscaled[:4]} have no {SCALE_SUFFIX} scale"
         )
-    return Source(source.directory, out, source.kind)
+    return pairs
+
+
+def keeping(source: Source, quant: Quantization | None, config_path: str) -> tuple[Source, str]:
+    """The source with its FP8 weights as they are and their scales read as float32 (checked as
+    `dequantizing` checks them); also the scales' stored dtype name, for export to write back."""
+    refs = source.refs
+    fp8_names = sorted(n for n, r in refs.items() if r.dtype == FP8)
+    scale_names = sorted(n for n in refs if n.endswith(SCALE_SUFFIX))
+    if quant is None or not scale_names:
+        raise CheckpointError(
+            f"{config_path}: --weights fp8 keeps the FP8 weights of a DeepSeek FP8 release, but this model "
+            "has none (no quantization_config with quant_method 'fp8', or no weight_scale_inv tensors); "
+            "for a bfloat16/float32 model use --weights int8, or leave --weights out"
+        )
+    out = dict(refs)
+    stored = set()
+    for _, scale in _pairs(refs, fp8_names, scale_names, quant):
+        stored.add(scale.dtype.name)
+        out[scale.name] = Ref(scale.name, scale.file, np.dtype(np.float32), scale.shape,
+                              lambda s=scale: _scales(s, quant))
+    if len(stored) > 1:
+        raise CheckpointError(f"{source.directory}: scales stored in several dtypes {sorted(stored)}; expected one")
+    return Source(source.directory, out, source.kind), stored.pop()
+
+
+def _scales(scale: Ref, quant: Quantization) -> np.ndarray:
+    scale_inv = scale.read().astype(np.float32)
+    if quant.scale_fmt == "ue8m0":
+        mantissa, _ = np.frexp(scale_inv)
+        if not np.all(mantissa == 0.5):
+            raise CheckpointError(f"{scale.file}: scale {scale.name!r} is declared ue8m0 but holds values that are not powers of two")
+    return scale_inv
 
 
 def _read(weight: Ref, scale: Ref, quant: Quantization, dtype: np.dtype) -> np.ndarray:
-    scale_inv = scale.read()
-    if quant.scale_fmt == "ue8m0":
-        mantissa, _ = np.frexp(scale_inv.astype(np.float32))
-        if not np.all(mantissa == 0.5):
-            raise CheckpointError(f"{scale.file}: scale {scale.name!r} is declared ue8m0 but holds values that are not powers of two")
-    return dequantize(weight.read(), scale_inv, quant.block, dtype)
+    return dequantize(weight.read(), _scales(scale, quant), quant.block, dtype)

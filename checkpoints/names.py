@@ -6,6 +6,10 @@ and the parity tests all use this table; nothing else knows a hub name.
 
 Hub linear weights are [out, in]; our kernels are [in, *out] (q_b_proj [Q,N,H+R], kv_b_proj [C,N,H+Hv],
 o_proj [N,Hv,D], experts [E,D,F] / [E,F,D], router [D,E]).
+
+A quantized checkpoint (DeepSeek's FP8 releases; our int8) also has, for each quantized weight
+`<w>.weight`, its block scales `<w>.weight_scale_inv` [nO, nI]; ours are their transpose [nI, nO] in the
+sibling variable `<kernel>_scale_inv`. `entries(config, with_scales=True)` lists them after their weight.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ Path = tuple  # e.g. ("layers", 3, "self_attn", "q_b_proj", "kernel")
 # How a hub tensor becomes our array: "linear" transposes [out,in] -> [in,out] then reshapes out;
 # "out_proj" transposes [D, N·Hv] -> [N·Hv, D] then splits heads; "copy" keeps it as it is.
 LINEAR, OUT_PROJ, COPY = "linear", "out_proj", "copy"
+SCALE = "scale"  # block scales of a quantized weight: hub [nO, nI] -> ours [nI, nO] by a transpose
+SCALE_SUFFIX = "_scale_inv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +82,26 @@ def layer_entries(config: Config, i: int) -> list[Entry]:
     return out
 
 
-def entries(config: Config) -> Iterator[Entry]:
-    """Every hub tensor of the model (MTP layers excluded), layer by layer as the hub stores them."""
+def quantized(entry: Entry) -> bool:
+    """Whether a quantized checkpoint stores this tensor quantized: every projection inside the decoder
+    layers (as DeepSeek's FP8 releases do), not the router, norms, embeddings or lm_head."""
+    return entry.path[0] == "layers" and entry.kind in (LINEAR, OUT_PROJ) and entry.path[-1] != "gate"
+
+
+def scale_entry(entry: Entry) -> Entry:
+    """The block scales of a quantized weight's entry."""
+    return Entry(entry.hf + SCALE_SUFFIX, (*entry.path[:-1], entry.path[-1] + SCALE_SUFFIX), SCALE, entry.expert)
+
+
+def entries(config: Config, with_scales: bool = False) -> Iterator[Entry]:
+    """Every hub tensor of the model (MTP layers excluded), layer by layer as the hub stores them;
+    `with_scales` (a quantized checkpoint): each quantized weight followed by its scales."""
     yield Entry("model.embed_tokens.weight", ("embed_tokens",), COPY)
     for i in range(config.num_hidden_layers):
-        yield from layer_entries(config, i)
+        for e in layer_entries(config, i):
+            yield e
+            if with_scales and quantized(e):
+                yield scale_entry(e)
     yield Entry("model.norm.weight", ("norm", "weight"), COPY)
     if not config.tie_word_embeddings:
         yield Entry("lm_head.weight", ("lm_head", "kernel"), LINEAR)
@@ -140,7 +161,7 @@ def to_hub(entry: Entry, array: np.ndarray) -> np.ndarray:
     """Our array (an expert's slice for expert entries) -> the hub tensor."""
     if entry.kind == COPY:
         return np.ascontiguousarray(array)
-    if entry.kind == LINEAR:
+    if entry.kind in (LINEAR, SCALE):
         return transpose(array.reshape(array.shape[0], -1))
     if entry.kind == OUT_PROJ:
         return transpose(array.reshape(-1, array.shape[-1]))
@@ -181,7 +202,7 @@ def hub_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
     shape = tuple(int(d) for d in shape)
     if entry.kind == COPY:
         return shape
-    if entry.kind == LINEAR:
+    if entry.kind in (LINEAR, SCALE):
         return (int(np.prod(shape[1:])), shape[0])
     if entry.kind == OUT_PROJ:
         return (shape[-1], int(np.prod(shape[:-1])))

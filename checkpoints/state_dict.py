@@ -46,21 +46,22 @@ def _by_variable(entries) -> Iterator[tuple[names.Path, list[names.Entry]]]:
         yield from groups.items()
 
 
-def read_order(config: Config) -> list[str]:
+def read_order(config: Config, with_scales: bool = False) -> list[str]:
     """The hub names in the order `assemble` asks for them (a layer's experts grouped per variable)."""
-    return [e.hf for _, group in _by_variable(names.entries(config)) for e in group]
+    return [e.hf for _, group in _by_variable(names.entries(config, with_scales)) for e in group]
 
 
 def assemble(
-    config: Config, model: nnx.Module, get: Callable[[str], np.ndarray], *, borrowed: bool = False
+    config: Config, model: nnx.Module, get: Callable[[str], np.ndarray], *, borrowed: bool = False,
+    with_scales: bool = False,
 ) -> Iterator[tuple[names.Path, np.ndarray, list[names.Entry]]]:
     """Yields (path, array in our layout, entries used) for every variable, in hub order.
 
     `model` (abstract is enough) gives each variable's shape; `get(hf_name)` returns a hub tensor.
     `borrowed`: what `get` returns may be overwritten by its next call (a reused read buffer), so
-    every yielded array is copied out of it.
+    every yielded array is copied out of it. `with_scales`: a quantized model's scales too.
     """
-    for path, group in _by_variable(names.entries(config)):
+    for path, group in _by_variable(names.entries(config, with_scales)):
         shape = tuple(variable_at(model, path).shape)
         if group[0].expert is None:
             (entry,) = group
@@ -134,9 +135,12 @@ def load_state_dict(
 
 
 def state_dict(model: Transformer) -> dict[str, np.ndarray]:
-    """The hub state dict of a model (per-expert names, [out,in] linear weights)."""
+    """The hub state dict of a model (per-expert names, [out,in] linear weights; a quantized model's
+    values and `weight_scale_inv` scales as stored)."""
+    from mla_jax.quant.apply import scheme_of
+
     out: dict[str, np.ndarray] = {}
-    for entry in names.entries(model.config):
+    for entry in names.entries(model.config, with_scales=scheme_of(model) is not None):
         array = np.asarray(jax.device_get(variable_at(model, entry.path).get_value()))
         if entry.expert is not None:
             array = array[entry.expert]

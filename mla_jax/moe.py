@@ -28,6 +28,7 @@ from flax import nnx
 from mla_jax.config import Config
 from mla_jax.layers import INIT_STD, MLP, RouterBias
 from mla_jax.ops import moe_dispatch
+from mla_jax.quant.blocks import Blocked, Quantized
 
 
 class Routing(NamedTuple):
@@ -94,6 +95,8 @@ def route(logits: jax.Array, config: Config, bias: jax.Array | None = None) -> R
 def dispatch(x, routing: Routing, w_gate, w_up, w_down, *, implementation: str | None = None):
     """Dropless expert computation. x [M,D]; w_gate, w_up [E,D,F]; w_down [E,F,D] -> [M,D].
 
+    The weights may be quantized (`mla_jax.quant.Blocked`): they stay so until each expert's turn.
+
     The grouped-matmul implementation follows the compile target (mla_jax/ops/moe_dispatch.py).
     """
     return moe_dispatch.dispatch(x, routing.weights, routing.experts, w_gate, w_up, w_down,
@@ -111,13 +114,31 @@ def expert_load(routing: Routing, n_experts: int) -> jax.Array:
 
 
 class Experts(nnx.Module):
-    """Routed experts stacked along E: gate_proj, up_proj [E,D,F]; down_proj [E,F,D]."""
+    """Routed experts stacked along E: gate_proj, up_proj [E,D,F]; down_proj [E,F,D].
+
+    Quantized (`mla_jax.quant.apply`), each holds quantized values beside `<name>_scale_inv`
+    [E, nI, nO], and `weights()` hands them to the dispatch still quantized: each expert is
+    dequantized there, one at a time, only when it has rows.
+    """
+
+    NAMES = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, n_experts: int, dim: int, hidden: int, *, param_dtype, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(INIT_STD)
         self.gate_proj = nnx.Param(init(rngs.params(), (n_experts, dim, hidden), param_dtype))
         self.up_proj = nnx.Param(init(rngs.params(), (n_experts, dim, hidden), param_dtype))
         self.down_proj = nnx.Param(init(rngs.params(), (n_experts, hidden, dim), param_dtype))
+        self.quant: Quantized | None = None
+        self.gate_proj_scale_inv = nnx.data(None)
+        self.up_proj_scale_inv = nnx.data(None)
+        self.down_proj_scale_inv = nnx.data(None)
+
+    def weights(self) -> tuple:
+        """(gate, up, down): arrays, or `Blocked` quantized weights."""
+        if self.quant is None:
+            return tuple(getattr(self, n)[...] for n in self.NAMES)
+        return tuple(Blocked(getattr(self, n)[...], getattr(self, f"{n}_scale_inv")[...], self.quant)
+                     for n in self.NAMES)
 
 
 class MoE(nnx.Module):
@@ -152,7 +173,7 @@ class MoE(nnx.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         r = self.routing(flat)
-        weights = (self.experts.gate_proj[...], self.experts.up_proj[...], self.experts.down_proj[...])
+        weights = self.experts.weights()
         if reference:
             y = dispatch_reference(flat, r, *weights)
         else:

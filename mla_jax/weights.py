@@ -26,6 +26,7 @@ from mla_jax import store
 from mla_jax.config import Config
 from mla_jax.layers import RouterBias
 from mla_jax.model import Transformer, checkpoint_paths, model_path
+from mla_jax.quant.blocks import ScaleInv, Scheme
 from mla_jax.sharding import Rules, named_sharding
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -39,9 +40,34 @@ def as_dtype(dtype) -> jnp.dtype:
     return np.dtype(_DTYPES[name])
 
 
-def abstract_model(config: Config, dtype=jnp.float32) -> Transformer:
-    """The model with shapes and dtypes only: no memory is allocated for weights."""
-    return nnx.eval_shape(lambda: Transformer(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+def abstract_model(config: Config, dtype=jnp.float32, quantization: Scheme | None = None) -> Transformer:
+    """The model with shapes and dtypes only: no memory is allocated for weights.
+
+    With a `quantization` scheme its projections hold quantized values and scales (`mla_jax.quant`).
+    """
+    from mla_jax.quant.apply import apply_scheme
+
+    def make():
+        model = Transformer(config, param_dtype=dtype, rngs=nnx.Rngs(0))
+        if quantization is not None:
+            apply_scheme(model, quantization, dtype)
+        return model
+
+    return nnx.eval_shape(make)
+
+
+QUANTIZATION_KEY = "quantization"  # in mla_jax.json: the Scheme of a quantized checkpoint
+
+
+def stored_scheme(path: str, layout: dict) -> Scheme | None:
+    """The quantization a checkpoint's layout records, or None."""
+    q = layout.get(QUANTIZATION_KEY)
+    if q is None:
+        return None
+    try:
+        return Scheme.from_json(q, os.path.join(path, store.LAYOUT_FILE))
+    except ValueError as e:
+        raise store.CheckpointError(str(e)) from None
 
 
 def model_variables(model: nnx.Module) -> Iterator[tuple[store.Path, nnx.Variable]]:
@@ -111,11 +137,15 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, 
     in float32 by the model (the router's correction bias) stay float32. `verify` checks every
     file against the checksum recorded when it was written (a damaged file is a CheckpointError
     naming it); False skips the reading that costs, not the size check.
+
+    A quantized checkpoint (`mla-jax convert --weights fp8|int8`) stays quantized: its projections
+    keep their stored values and block scales on the devices and are dequantized to `dtype` inside
+    each step, one layer's matrix (one expert) at a time; `dtype` applies to everything else.
     """
     path = store.user_path(path)
     layout = store.read_layout(path)
     config = Config.from_hf(os.path.join(path, store.CONFIG_FILE))
-    model = abstract_model(config, as_dtype(dtype))
+    model = abstract_model(config, as_dtype(dtype), stored_scheme(path, layout))
     variables = dict(model_variables(model))
     slots = checkpoint_slots(model)
     stored = store.stored_variables(layout)
@@ -178,11 +208,22 @@ def save(model: Transformer, path: str | os.PathLike, *, tokenizer_from: str | o
     whose tokenizer files are copied along. `overwrite` replaces only an existing mla-jax
     checkpoint. Every file's checksum is recorded for `load` to verify. Returns the absolute path.
     """
-    dtypes = {np.dtype(var.dtype).name for p, var in model_variables(model) if not isinstance(var, RouterBias)}
+    from mla_jax.quant.apply import scheme_of
+
+    scheme = scheme_of(model)
+    # quantized values and their scales are not "the dtype" of a quantized model
+    dtypes = {np.dtype(var.dtype).name for p, var in model_variables(model)
+              if not isinstance(var, (RouterBias, ScaleInv)) and np.dtype(var.dtype) != (scheme and scheme.storage_dtype)}
     dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
     variables = dict(model_variables(model))
+    hf = model.config.to_hf()
+    extra = {}
+    if scheme is not None:
+        extra[QUANTIZATION_KEY] = scheme.to_json()
+        if scheme.to_hf() is not None:
+            hf["quantization_config"] = scheme.to_hf()
     with store.Writer(path, overwrite=overwrite) as writer:
         for p, (m, i) in checkpoint_slots(model).items():
             writer.add(p, Slot(variables[m], i).get_value())
-        return writer.commit(model.config.to_hf(), dtype=dtype, tokenizer_from=tokenizer_from)
+        return writer.commit(hf, dtype=dtype, tokenizer_from=tokenizer_from, extra=extra)
 

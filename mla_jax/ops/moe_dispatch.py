@@ -14,6 +14,12 @@ routed work (K experts per token), never all E. Which grouped matmul runs is cho
   A decode step (a few rows) touches only the chosen experts' weights.
 * `MLA_JAX_PLATFORM=gpu|cpu` overrides the choice (mla_jax/ops/platform.py).
 
+Quantized experts (`mla_jax.quant.Blocked`: FP8 or int8 values with block scales) take the loop
+form on every target: each expert with rows is dequantized there, alone, into float32, so no
+dequantized copy of a layer's experts ever exists. (tokamax's Mosaic kernel takes qwix QArrays,
+whose tiles must divide the shape; DeepSeek's blocks need not.) Their gradient is not computed:
+a quantized base is frozen.
+
 `dispatch_reference` multiplies every token by every expert and combines with a dense [M,E]
 weight matrix: the specification the implementations are tested against, never used to run.
 
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mla_jax.ops import platform
+from mla_jax.quant.blocks import Blocked, index, materialize
 
 # Row tiles of the loop form: whole tiles of BIG rows, then the rest of an expert's rows in tiles of
 # SMALL (at most SMALL - 1 padded rows per expert; a decode step's one or two rows per expert pay
@@ -116,6 +123,7 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 def dispatch_reference(x, weights, experts, w_gate, w_up, w_down):
     """Every expert on every token, combined with a dense [M,E] weight matrix. For tests only."""
     m, _ = experts.shape
+    w_gate, w_up, w_down = (materialize(w) for w in (w_gate, w_up, w_down))
     h = jax.nn.silu(jnp.einsum("MD,EDF->MEF", x, w_gate)) * jnp.einsum("MD,EDF->MEF", x, w_up)
     y = jnp.einsum("MEF,EFD->MED", h, w_down)
     combine = jnp.zeros((m, w_gate.shape[0]), jnp.float32)
@@ -144,8 +152,9 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None):
 
 
 def _gpu(lhs, rhs, group_sizes):
-    """tokamax's Mosaic GPU kernel where tokamax can build it for the default device, else the loops."""
-    if not tokamax_serves():
+    """tokamax's Mosaic GPU kernel where tokamax can build it for the default device, else the loops
+    (and for quantized experts, see the module doc)."""
+    if isinstance(rhs, Blocked) or not tokamax_serves():
         return grouped_matmul_loops(lhs, rhs, group_sizes)
     return grouped_matmul_tokamax(lhs, rhs, group_sizes)
 
@@ -167,12 +176,12 @@ def grouped_matmul_tokamax(lhs, rhs, group_sizes):
     # whatever program imported us (pytest, a CLI) and fails on them; its defaults are what we want.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation="mosaic")
+    return tokamax.ragged_dot(lhs, materialize(rhs), group_sizes, implementation="mosaic")
 
 
 def grouped_matmul_ragged_dot(lhs, rhs, group_sizes):
     """`jax.lax.ragged_dot` as XLA lowers it (jax 0.10: one dense dot over all groups)."""
-    return lax.ragged_dot(lhs, rhs, group_sizes)
+    return lax.ragged_dot(lhs, materialize(rhs, lhs.dtype), group_sizes)
 
 
 # ------------------------------------------------------------------------ the loop form
@@ -221,7 +230,7 @@ def _gmm_loops(lhs, rhs, group_sizes, transpose_rhs: bool):
     def expert(i, out):
         e = active[i]
         first, size = starts[e], group_sizes[e]
-        w = lax.dynamic_index_in_dim(rhs, e, axis=0, keepdims=False).astype(jnp.float32)  # this expert only
+        w = index(rhs, e, jnp.float32)  # this expert only (dequantized here when quantized)
 
         def tile_body(offset, tile, out):
             x, start, mine = _row_tile(lhs, first + offset, tile, first + offset, first + size)
@@ -267,6 +276,8 @@ def _loops_fwd(lhs, rhs, group_sizes):
 def _loops_bwd(res, dout):
     lhs, rhs, group_sizes = res
     dlhs = _gmm_loops(dout, rhs, group_sizes, transpose_rhs=True).astype(lhs.dtype)  # dout · rhs[e]ᵀ
+    if isinstance(rhs, Blocked):  # a quantized base is frozen
+        return dlhs, jax.tree.map(jnp.zeros_like, rhs), None
     drhs = _tgmm_loops(lhs, dout, group_sizes, rhs)
     return dlhs, drhs, None
 
