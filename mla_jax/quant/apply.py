@@ -21,7 +21,7 @@ from flax import nnx
 
 from mla_jax.layers import Linear, OutProj
 from mla_jax.moe import Experts
-from mla_jax.quant.blocks import Quantized, ScaleInv, Scheme, dequantize, quantize
+from mla_jax.quant.blocks import Quantized, ScaleInv, Scheme, quantize
 
 
 def _targets(model) -> Iterator[tuple[tuple, nnx.Module, str, int, int]]:
@@ -73,18 +73,6 @@ def quantize_model(model, scheme: Scheme) -> None:
         setattr(module, name, nnx.Param(jnp.asarray(values)))
         setattr(module, f"{name}_scale_inv", ScaleInv(jnp.asarray(scales)))
         module.quant = Quantized(scheme, in_dims, out_dims, dtype)
-
-
-def dequantize_model(model, dtype=None) -> None:
-    """Replaces every quantized kernel by its dequantization (in `dtype`, default the marker's), in place."""
-    for _, module, name, _, _ in _targets(model):
-        if module.quant is None:
-            continue
-        w = dequantize(getattr(module, name)[...], getattr(module, f"{name}_scale_inv")[...], module.quant, dtype)
-        setattr(module, name, nnx.Param(w))
-        setattr(module, f"{name}_scale_inv", nnx.data(None))
-    for _, module, _, _, _ in _targets(model):
-        module.quant = None
 
 
 def scheme_of(model) -> Scheme | None:

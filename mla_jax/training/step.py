@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from mla_jax.model import Transformer, layer_runs
+from mla_jax.quant.apply import scheme_of
 from mla_jax.training import balance, lora, optim
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.losses import cross_entropy
@@ -161,6 +162,13 @@ class Trainer:
     def __init__(self, model: Transformer, tc: TrainConfig):
         self.config = model.config
         tc = tc.resolve(model.config)
+        scheme = scheme_of(model)
+        if scheme is not None:
+            # LoRA would also need the merged weight W + ΔW written back quantized; until it is, both refuse.
+            raise ValueError(
+                f"the model's projections are quantized ({scheme.method}, kept so by `mla-jax convert --weights "
+                f"{scheme.method}`): {'LoRA' if tc.lora_rank else 'full'} fine-tuning of a quantized base is not "
+                "supported; fine-tune a checkpoint converted without --weights (bfloat16)")
         layout, base, self._rest = split(model)
         dtypes = {np.dtype(v.dtype).name for v in base.values()}
         if len(dtypes) != 1:
