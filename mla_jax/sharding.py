@@ -19,9 +19,12 @@ Rules = Sequence[tuple[str, tuple]]
 
 
 def default_rules(axis: str) -> Rules:
-    """Experts [E,D,F]/[E,F,D] over E; q/kv_b projections [in,N,H] and o_proj [N,Hv,D] over N."""
+    """Experts [E,D,F]/[E,F,D] (and their block scales) over E; q/kv_b projections [in,N,H] and
+    o_proj [N,Hv,D] over N (their block scales, over flattened N·H, are replicated)."""
     return (
         (r"^layers\.\d+\.mlp\.experts\.(gate_proj|up_proj|down_proj)$", (axis, None, None)),
+        # block scales of quantized experts [E,nI,nO] go with their experts
+        (r"^layers\.\d+\.mlp\.experts\.(gate_proj|up_proj|down_proj)_scale_inv$", (axis, None, None)),
         (r"^layers\.\d+\.self_attn\.(q_proj|q_b_proj|kv_b_proj)\.kernel$", (None, axis, None)),
         (r"^layers\.\d+\.self_attn\.o_proj\.kernel$", (axis, None, None)),
     )

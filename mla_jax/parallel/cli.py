@@ -20,8 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("model", help="a preset (deepseek-v2-lite, deepseek-v2, deepseek-v3), a config.json, or a "
                                  "directory holding one")
     p.add_argument("--gpus", required=True, help="[HOSTSx]GPUxCOUNT: h100x1, h200x8, 2xh200x8 (two hosts of 8)")
-    p.add_argument("--weights", default="bf16", help=f"weights format: {', '.join(WEIGHT_FORMATS)} "
-                                                     f"({', '.join(PENDING_FORMATS)}: not yet)")
+    p.add_argument("--weights", default="bf16", help=f"weights format: {', '.join(WEIGHT_FORMATS)}"
+                                                     + (f" ({', '.join(PENDING_FORMATS)}: not yet)" if PENDING_FORMATS else ""))
     p.add_argument("--batch", type=int, default=32, help="sequences decoded together (rows per train step)")
     p.add_argument("--context", type=int, default=4096, help="cached tokens per sequence")
     p.add_argument("--mesh", default=None, help=f"AXIS=SIZE,...: axes {', '.join(MESH_AXES)} (data: batch and "

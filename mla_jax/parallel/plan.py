@@ -40,6 +40,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from mla_jax import cache as kv
+from mla_jax import quant
 from mla_jax.config import Config
 from mla_jax.errors import UsageError
 from mla_jax.model import checkpoint_paths
@@ -102,10 +103,12 @@ def parse_gpus(text: str) -> Cluster:
 # ------------------------------------------------------------------------ weights formats
 @dataclasses.dataclass(frozen=True)
 class WeightsFormat:
-    """How parameters are stored on the device: the dtype the model is built (and computes) in."""
+    """How parameters are stored on the device: the dtype the model is built (and computes) in, and
+    the quantization of its projections (`mla_jax.quant`: values + block scales), if any."""
 
     name: str
     dtype: Any
+    quantization: Any = None
 
     @property
     def dtype_name(self) -> str:
@@ -115,8 +118,11 @@ class WeightsFormat:
 WEIGHT_FORMATS = {
     "bf16": WeightsFormat("bf16", jnp.bfloat16),
     "f32": WeightsFormat("f32", jnp.float32),
+    # `mla-jax convert --weights fp8|int8`: projections quantized, the rest (and the arithmetic) bf16
+    "fp8": WeightsFormat("fp8", jnp.bfloat16, quant.FP8_BLOCK_128),
+    "int8": WeightsFormat("int8", jnp.bfloat16, quant.INT8_PER_CHANNEL),
 }
-PENDING_FORMATS = ("fp8", "int8")  # quantized weights (issue 13) register here once the model has them
+PENDING_FORMATS = ()  # formats named before the model can hold them
 
 
 def weights_format(name: str) -> WeightsFormat:
@@ -206,11 +212,11 @@ def weight_specs(model, mesh: Mesh) -> list[PartitionSpec]:
 
 
 @functools.lru_cache(maxsize=4)
-def _abstract_model(config: Config, dtype_name: str):
+def _abstract_model(config: Config, dtype_name: str, quantization=None):
     """The model's shapes (built once per config: a V3 takes seconds to trace); never mutated here."""
     from mla_jax.weights import abstract_model
 
-    return abstract_model(config, jnp.dtype(dtype_name))
+    return abstract_model(config, jnp.dtype(dtype_name), quantization)
 
 
 def shard_bytes(shape, dtype, sharding: NamedSharding) -> int:
@@ -273,7 +279,7 @@ def count_plan(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict[
                context: int, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16, name: str = "") -> Plan:
     """Bytes per device from the arrays' shapes alone (no compilation, no devices)."""
     mesh = AbstractMesh(tuple(axes[a] for a in MESH_AXES), MESH_AXES)
-    model = _abstract_model(config, fmt.dtype_name)
+    model = _abstract_model(config, fmt.dtype_name, fmt.quantization)
     weights = layout_bytes([leaf for _, _, leaf in _model_names(model)], weight_specs(model, mesh), mesh)
     cache = abstract_cache(config, batch, context, page_size, cache_dtype)
     cache_bytes = layout_bytes(jax.tree.leaves(cache), jax.tree.leaves(cache_specs(cache)), mesh)
@@ -329,7 +335,7 @@ def compile_decode(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: d
 
     _ptxas_on_path()
     mesh = make_mesh(axes, topology_devices(cluster))
-    model = _abstract_model(config, fmt.dtype_name)
+    model = _abstract_model(config, fmt.dtype_name, fmt.quantization)
     lowered = generate.lower_decode_step(model, batch, context, page_size=page_size, cache_dtype=cache_dtype,
                                          implementation=implementation, place=decode_placement(model, mesh))
     return lowered.compile()
@@ -433,8 +439,11 @@ def abstract_train(config: Config, fmt: WeightsFormat, *, batch: int, seq_len: i
     from mla_jax.training.config import TrainConfig
     from mla_jax.training.step import Trainer
 
+    if fmt.quantization is not None:
+        raise UsageError(f"--weights {fmt.name}: the train step planned is full fine-tuning, which a quantized "
+                         "base refuses (it fine-tunes with LoRA); plan training with --weights bf16")
     tc = TrainConfig(seq_len=seq_len, batch_size=batch, param_dtype=fmt.dtype_name, remat=remat)
-    trainer = Trainer(_abstract_model(config, fmt.dtype_name), tc)
+    trainer = Trainer(_abstract_model(config, fmt.dtype_name, fmt.quantization), tc)
     f32 = lambda tree: {n: jax.ShapeDtypeStruct(v.shape, jnp.float32) for n, v in tree.items()}  # noqa: E731
     params = f32(trainer._base)
     state = {"params": params, "bias": f32(trainer._rest), "opt": jax.eval_shape(trainer.optimizer.init, params),

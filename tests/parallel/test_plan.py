@@ -100,8 +100,10 @@ def test_bad_arguments_say_what_was_expected():
         pl.plan("deepseek-v3", "h200x8", mesh="model=4", compile=False)
     with pytest.raises(UsageError, match=r"--mesh 'tensor=8'.*got 'tensor=8'"):
         pl.plan("deepseek-v3", "h200x8", mesh="tensor=8", compile=False)
-    with pytest.raises(UsageError, match=r"--weights fp8: the model cannot hold fp8 weights yet"):
-        pl.plan("deepseek-v3", "h200x8", weights="fp8", compile=False)
+    with pytest.raises(UsageError, match=r"--weights 'fp4': expected one of \['bf16', 'f32', 'fp8', 'int8'\]"):
+        pl.plan("deepseek-v3", "h200x8", weights="fp4", compile=False)
+    with pytest.raises(UsageError, match=r"--weights fp8: the train step planned is full fine-tuning"):
+        pl.plan("deepseek-v3", "h200x8", weights="fp8", train_seq_len=4096, compile=False)
     with pytest.raises(UsageError, match=r"remat='bogus'; expected one of"):
         pl.plan("deepseek-v2-lite", "h100x1", train_seq_len=64, remat="bogus", compile=False)
     with pytest.raises(UsageError, match=r"no such config file"):
