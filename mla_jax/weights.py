@@ -208,9 +208,10 @@ def save(model: Transformer, path: str | os.PathLike, *, tokenizer_from: str | o
     whose tokenizer files are copied along. `overwrite` replaces only an existing mla-jax
     checkpoint. Every file's checksum is recorded for `load` to verify. Returns the absolute path.
     """
-    from mla_jax.quant.apply import scheme_of
+    from mla_jax.quant.apply import requantized, scheme_of
 
     scheme = scheme_of(model)
+    replaced = requantized(model)  # LoRA-merged quantized kernels, quantized again with their scales
     # quantized values and their scales are not "the dtype" of a quantized model
     dtypes = {np.dtype(var.dtype).name for p, var in model_variables(model)
               if not isinstance(var, (RouterBias, ScaleInv)) and np.dtype(var.dtype) != (scheme and scheme.storage_dtype)}
@@ -224,6 +225,8 @@ def save(model: Transformer, path: str | os.PathLike, *, tokenizer_from: str | o
             hf["quantization_config"] = scheme.to_hf()
     with store.Writer(path, overwrite=overwrite) as writer:
         for p, (m, i) in checkpoint_slots(model).items():
-            writer.add(p, Slot(variables[m], i).get_value())
+            value = Slot(variables[m], i).get_value() if m not in replaced else \
+                replaced[m] if i is None else replaced[m][i]
+            writer.add(p, value)
         return writer.commit(hf, dtype=dtype, tokenizer_from=tokenizer_from, extra=extra)
 

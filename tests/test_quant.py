@@ -15,10 +15,10 @@ from mla_jax import Config, Transformer
 from mla_jax.ops import moe_dispatch
 from mla_jax.quant import FP8_BLOCK_128, INT8_PER_CHANNEL, Blocked, Quantized, Scheme, dequantize, quantize
 from mla_jax.quant.apply import bytes_per_parameter, quantize_model, quantized_bytes, scheme_of
-from mla_jax.quant.blocks import dequantize_numpy
+from mla_jax.quant.blocks import dequantize_numpy, expand_scales
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.step import Trainer
-from mla_jax.weights import abstract_model
+from mla_jax.weights import abstract_model, load, save
 
 SCHEMES = {"fp8_128": FP8_BLOCK_128, "fp8_16x32": Scheme("fp8", (16, 32)), "int8_channel": INT8_PER_CHANNEL}
 TINY = Config.preset("deepseek-v3").replace(
@@ -79,21 +79,6 @@ def fp8_model():
     return abstract_model(TINY, jnp.float32, FP8_BLOCK_128)
 
 
-def test_quantize_model_keeps_each_kernel_in_its_layout():
-    """In memory, int8 per output channel: every kernel's weight() is the original within half a step
-    of its output channel (a transposed or misplaced scale would be far off)."""
-    model = Transformer(TINY.replace(num_hidden_layers=1, first_k_dense_replace=1), rngs=nnx.Rngs(0))
-    attn = model.stacks[0].self_attn
-    before = {name: np.asarray(getattr(attn, name).kernel[...]) for name in ("q_b_proj", "kv_b_proj", "o_proj")}
-    quantize_model(model, INT8_PER_CHANNEL)
-    for name, w in before.items():
-        module = getattr(attn, name)
-        assert module.kernel.dtype == jnp.int8
-        in_axes = (1, 2) if name == "o_proj" else (1,)  # [L, in..., out...]: o_proj [L,N,Hv,D], others [L,in,N,H]
-        half_step = np.max(np.abs(w), axis=in_axes, keepdims=True) / 127 / 2
-        assert np.all(np.abs(np.asarray(module.weight()) - w) <= half_step * (1 + 1e-6)), name
-
-
 def test_quantized_model_holds_one_byte_per_parameter_plus_scales(fp8_model):
     nbytes, params = quantized_bytes(fp8_model)
     assert scheme_of(fp8_model) == FP8_BLOCK_128 and nbytes / params <= 1.05
@@ -106,7 +91,72 @@ def test_bytes_per_parameter_knows_the_quantized_sizes():
     assert 1.0 < bytes_per_parameter(v3, "bfloat16", FP8_BLOCK_128) < 1.05
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_fine_tuning_a_quantized_base_is_refused_clearly(fp8_model, lora_rank):
-    with pytest.raises(ValueError, match="fine-tuning of a quantized base is not supported"):
-        Trainer(fp8_model, TrainConfig(param_dtype="float32", lora_rank=lora_rank))
+def test_full_fine_tuning_of_a_quantized_base_is_refused_clearly(fp8_model):
+    with pytest.raises(ValueError, match=r"quantized \(fp8.*full fine-tuning.*fine-tune with LoRA"):
+        Trainer(fp8_model, TrainConfig(param_dtype="float32"))
+
+
+def batch(seed: int, rows: int = 2, t: int = 8) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, TINY.vocab_size, size=(1, rows, t)).astype(np.int32)
+    ones = np.ones((1, rows, t), np.int32)
+    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=-1), "loss_mask": ones.astype(bool),
+            "segment_ids": ones, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (1, rows, t))}
+
+
+@pytest.fixture(scope="module")
+def lora_on_fp8():
+    """LoRA on an FP8 base: the model, the base's values before, the trainer, the attention weights
+    at step 0 (copied out: the step donates the state they come from), the state after one step."""
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    attn = model.stacks[0].self_attn
+    floats = {name: np.asarray(getattr(attn, name).kernel[...]) for name in ("q_b_proj", "kv_b_proj", "o_proj")}
+    quantize_model(model, Scheme("fp8", (16, 16)))
+    before = np.asarray(model.stacks[0].self_attn.q_b_proj.kernel[...]).copy()
+    trainer = Trainer(model, TrainConfig(param_dtype="float32", lora_rank=4, lr=1e-2, warmup_steps=0, steps=1))
+    state = trainer.init_state()
+    attn = trainer.model(state).stacks[0].self_attn
+    start = {name: np.asarray(getattr(attn, name).weight()) for name in ("q_b_proj", "kv_b_proj", "o_proj")}
+    state, metrics = trainer.train_step(state, batch(0))
+    return model, before, trainer, start, state, metrics, floats
+
+
+def test_quantize_model_keeps_each_kernel_in_its_layout(lora_on_fp8):
+    """Every kernel's weight() is its float original within e4m3's precision on its own block scale
+    (a transposed or misplaced scale would be far off). Kernels [L, in, N, H] and o_proj [L, N, Hv, D]."""
+    model, floats = lora_on_fp8[0], lora_on_fp8[-1]
+    for name, w in floats.items():
+        module = getattr(model.stacks[0].self_attn, name)
+        assert module.kernel.dtype == jnp.float8_e4m3fn
+        scales = np.asarray(expand_scales(module.kernel_scale_inv[...], module.quant, w.shape)).reshape(w.shape)
+        assert np.all(np.abs(np.asarray(module.weight()) - w) <= 2**-4 * np.abs(w) + 2**-9 * scales), name
+
+
+def test_lora_on_a_quantized_base_starts_from_it(lora_on_fp8):
+    model, _, _, start, _, _, _ = lora_on_fp8
+    for name, adapted in start.items():
+        base = np.asarray(getattr(model.stacks[0].self_attn, name).weight())
+        np.testing.assert_allclose(adapted, base, rtol=1e-6, atol=1e-9)
+
+
+def test_lora_on_a_quantized_base_trains_the_adapters_only(lora_on_fp8):
+    model, before, trainer, start, state, metrics, _ = lora_on_fp8
+    frozen = trainer.frozen["stacks.0.self_attn.q_b_proj.kernel"]
+    assert np.isfinite(metrics["loss"]) and frozen.dtype == jnp.float8_e4m3fn
+    assert np.array_equal(np.asarray(frozen).view(np.uint8), before.view(np.uint8))  # the base is untouched
+    moved = trainer.model(state).stacks[0].self_attn.q_b_proj.weight()
+    assert not np.allclose(np.asarray(moved), start["q_b_proj"], rtol=1e-4)
+
+
+def test_lora_merged_quantized_model_saves_quantized(lora_on_fp8, tmp_path):
+    """Saved, the adapted kernels are e4m3 again (block scales recomputed: W + ΔW may outgrow the
+    base's); loaded, within e4m3's precision of what was trained."""
+    _, _, trainer, _, state, _, _ = lora_on_fp8
+    trained = trainer.model(state)
+    save(trained, tmp_path / "tuned")
+    loaded = load(tmp_path / "tuned", dtype=jnp.float32)
+    q_b = loaded.stacks[0].self_attn.q_b_proj
+    assert scheme_of(loaded).method == "fp8" and q_b.kernel.dtype == jnp.float8_e4m3fn
+    w, back = np.asarray(trained.stacks[0].self_attn.q_b_proj.weight()), np.asarray(q_b.weight())
+    scales = np.asarray(expand_scales(q_b.kernel_scale_inv[...], q_b.quant, w.shape)).reshape(w.shape)
+    assert np.all(np.abs(back - w) <= 2**-4 * np.abs(w) + 2**-9 * scales)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from mla_jax.layers import Linear, OutProj
 from mla_jax.moe import Experts
-from mla_jax.quant.blocks import Quantized, ScaleInv, Scheme, quantize
+from mla_jax.quant.blocks import Quantized, ScaleInv, Scheme, dequantize, quantize
 
 
 def _targets(model) -> Iterator[tuple[tuple, nnx.Module, str, int, int]]:
@@ -59,20 +59,40 @@ def apply_scheme(model, scheme: Scheme, dtype=None) -> None:
         module.quant = Quantized(scheme, in_dims, out_dims, dtype)
 
 
+def _quantize_kernel(w: np.ndarray, scheme: Scheme, in_dims: int, out_dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """A float kernel [*lead, *in, *out] -> (values, scale_inv [*lead, nI, nO]), matrix by matrix."""
+    lead = w.ndim - in_dims - out_dims
+    i = math.prod(w.shape[lead:lead + in_dims])
+    mats = w.reshape(-1, i, w.size // max(1, math.prod(w.shape[:lead])) // i)
+    qs, ss = zip(*(quantize(m.T, scheme) for m in mats))  # hub orientation [O,I]
+    values = np.stack([q.T for q in qs]).reshape(w.shape)
+    return values, np.stack([s.T for s in ss]).reshape(_scale_shape(w.shape, scheme, in_dims, out_dims))
+
+
 def quantize_model(model, scheme: Scheme) -> None:
     """Quantizes a concrete float model's projections in place (host-side, numpy, matrix by matrix)."""
     dtype = np.dtype(model.param_dtype).name
     for _, module, name, in_dims, out_dims in _targets(model):
         w = np.asarray(jax.device_get(getattr(module, name)[...]), np.float32)
-        lead = w.ndim - in_dims - out_dims
-        i = math.prod(w.shape[lead:lead + in_dims])
-        mats = w.reshape(-1, i, w.size // max(1, math.prod(w.shape[:lead])) // i)
-        qs, ss = zip(*(quantize(m.T, scheme) for m in mats))  # hub orientation [O,I]
-        values = np.stack([q.T for q in qs]).reshape(w.shape)
-        scales = np.stack([s.T for s in ss]).reshape(_scale_shape(w.shape, scheme, in_dims, out_dims))
+        values, scales = _quantize_kernel(w, scheme, in_dims, out_dims)
         setattr(module, name, nnx.Param(jnp.asarray(values)))
         setattr(module, f"{name}_scale_inv", ScaleInv(jnp.asarray(scales)))
         module.quant = Quantized(scheme, in_dims, out_dims, dtype)
+
+
+def requantized(model) -> dict[tuple, np.ndarray]:
+    """{model path: array} replacing each quantized kernel that holds float values (a LoRA merge) and
+    its scales: W' (what the model computes with) quantized afresh, block scales recomputed, since
+    W' need not fit the base's blocks' range."""
+    out = {}
+    for path, module, name, in_dims, out_dims in _targets(model):
+        kernel = getattr(module, name)
+        if module.quant is None or np.dtype(kernel.dtype) == module.quant.scheme.storage_dtype:
+            continue
+        merged = dequantize(kernel[...], getattr(module, f"{name}_scale_inv")[...], module.quant, jnp.float32)
+        values, scales = _quantize_kernel(np.asarray(jax.device_get(merged)), module.quant.scheme, in_dims, out_dims)
+        out[(*path, name)], out[(*path, f"{name}_scale_inv")] = values, scales
+    return out
 
 
 def scheme_of(model) -> Scheme | None:

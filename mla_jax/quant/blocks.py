@@ -112,16 +112,26 @@ def _matrix(shape: tuple[int, ...], q: Quantized) -> tuple[tuple[int, ...], int,
     return shape[:lead], math.prod(shape[lead:lead + q.in_dims]), math.prod(shape[lead + q.in_dims:])
 
 
+def expand_scales(scale_inv: jax.Array, q: Quantized, shape: tuple[int, ...]) -> jax.Array:
+    """scale_inv [*lead, nI, nO] -> float32 [*lead, I, O]: each weight's block multiplier."""
+    lead, i, o = _matrix(shape, q)
+    bi, bo = q.scheme.ours(i, o)
+    s = jnp.repeat(scale_inv.astype(jnp.float32), bi, axis=-2)[..., :i, :]
+    return jnp.repeat(s, bo, axis=-1)[..., :o]
+
+
 def dequantize(values: jax.Array, scale_inv: jax.Array, q: Quantized, dtype=None) -> jax.Array:
     """values [*lead, *in, *out], scale_inv [*lead, nI, nO] -> float32(values)·scale per block, in `dtype`
-    (default: the marker's), shape of `values`. The product is float32 and rounded once."""
+    (default: the marker's), shape of `values`. The product is float32 and rounded once.
+
+    `values` may also be floats (a LoRA-adapted kernel: W' divided by the base's scales, see
+    `mla_jax.training.lora`); the same product then gives W' back.
+    """
     lead, i, o = _matrix(values.shape, q)
-    bi, bo = q.scheme.ours(i, o)
     w = values.reshape(*lead, i, o).astype(jnp.float32)
-    s = scale_inv.astype(jnp.float32)
-    s = jnp.repeat(s, bi, axis=-2)[..., :i, :]
-    s = jnp.repeat(s, bo, axis=-1)[..., :o]
-    return (w * s).astype(dtype or q.dtype).reshape(values.shape)
+    return (w * expand_scales(scale_inv, q, values.shape)).astype(dtype or q.dtype).reshape(values.shape)
+
+
 
 
 @jax.tree_util.register_dataclass

@@ -5,6 +5,12 @@ adapters before the model runs, so every path that reads a kernel (including MLA
 W_UV slices of kv_b_proj) sees the adapted weight, and the hub name map never meets LoRA. Export
 merges: the saved model holds W', plain kernels, loadable and exportable like any other.
 
+On a quantized base (`mla-jax convert --weights fp8|int8`) the base stays quantized: the adapted
+kernel is (dequantized W + ΔW) divided by the base's own block scales, so that the model's
+dequantization (values · scale) yields W + ΔW; only the adapted attention kernels exist in float,
+inside the step. Saving such a model quantizes W + ΔW afresh, new block scales included
+(`mla_jax.quant.apply.requantized`).
+
 A kernel [*in, *out] is adapted as a matrix [I,O] (I = product of the input dims: one for `Linear`,
 two, heads × head dim, for `OutProj`). A [I,L] starts random and B [L,O] at zero, so training starts
 from the base model exactly. The scanned layers' kernels carry a leading layer axis [Y, *in, *out];
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.layers import Linear, OutProj
+from mla_jax.quant.blocks import dequantize, expand_scales
 
 # Default targets: every projection of the attention block (q, kv down/up, o); experts, dense MLPs,
 # norms, the router and embeddings stay frozen.
@@ -63,12 +70,34 @@ def init(targets_: dict, rank: int, key: jax.Array) -> dict[str, jax.Array]:
     return adapters
 
 
-def apply(params: dict[str, jax.Array], adapters: dict[str, jax.Array], targets_: dict, scale: float
-          ) -> dict[str, jax.Array]:
-    """The adapted parameters: each target kernel + scale·A·B, computed in float32, in the kernel's dtype."""
+def quantized_targets(model: nnx.Module, targets_: dict) -> dict[str, object]:
+    """{target kernel name: its module's `Quantized` marker} for the targets stored quantized."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, (Linear, OutProj)) and node.quant is not None:
+            name = ".".join(map(str, (*path, "kernel")))
+            if name in targets_:
+                out[name] = node.quant
+    return out
+
+
+def apply(params: dict[str, jax.Array], adapters: dict[str, jax.Array], targets_: dict, scale: float,
+          quantized: dict | None = None, variables: dict | None = None) -> dict[str, jax.Array]:
+    """The adapted parameters: each target kernel + scale·A·B, computed in float32, in the kernel's dtype.
+
+    `quantized` {name: Quantized} marks targets stored quantized; their scales are read from
+    `variables` ("<name>_scale_inv") and the result is W + ΔW divided by them, in the compute dtype.
+    """
     out = dict(params)
     for name, (shape, _, _) in targets_.items():
         w = params[name]
-        delta = jnp.einsum("...IL,...LO->...IO", adapters[f"{name}.lora_a"], adapters[f"{name}.lora_b"])
-        out[name] = (w.astype(jnp.float32) + scale * delta.reshape(shape)).astype(w.dtype)
+        delta = scale * jnp.einsum("...IL,...LO->...IO", adapters[f"{name}.lora_a"],
+                                   adapters[f"{name}.lora_b"]).reshape(shape)
+        q = (quantized or {}).get(name)
+        if q is None:
+            out[name] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+            continue
+        scales = variables[f"{name}_scale_inv"]
+        merged = dequantize(w, scales, q, jnp.float32) + delta
+        out[name] = (merged / expand_scales(scales, q, shape).reshape(shape)).astype(q.dtype)
     return out

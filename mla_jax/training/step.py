@@ -33,6 +33,7 @@ import optax
 
 from mla_jax.model import Transformer, layer_runs
 from mla_jax.quant.apply import scheme_of
+from mla_jax.quant.blocks import Quantized
 from mla_jax.training import balance, lora, optim
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.losses import cross_entropy
@@ -49,6 +50,7 @@ class Spec:
     moe_stacks: tuple[tuple[int, int], ...]  # (stack index, MoE layers in it), in layer order
     n_experts: int
     lora_targets: tuple[tuple[str, tuple[int, ...], int, int], ...]  # (kernel name, shape, layer dims, input dims)
+    lora_quantized: tuple[tuple[str, Quantized], ...] = ()  # targets stored quantized (a quantized base)
 
     @property
     def targets(self) -> dict:
@@ -58,10 +60,12 @@ class Spec:
     def n_moe_layers(self) -> int:
         return sum(count for _, count in self.moe_stacks)
 
-    def weights(self, params: dict, frozen: dict) -> dict:
-        """The model's parameters in its compute dtype from the trainable masters (and frozen base)."""
+    def weights(self, params: dict, frozen: dict, variables: dict | None = None) -> dict:
+        """The model's parameters in its compute dtype from the trainable masters (and frozen base;
+        `variables`, the non-parameters, hold a quantized base's scales)."""
         if self.tc.lora_rank:
-            return lora.apply(frozen, params, self.targets, self.tc.lora_alpha / self.tc.lora_rank)
+            return lora.apply(frozen, params, self.targets, self.tc.lora_alpha / self.tc.lora_rank,
+                              dict(self.lora_quantized), variables)
         return {n: v.astype(self.compute_dtype) for n, v in params.items()}
 
     def bias_name(self, stack: int) -> str:
@@ -71,7 +75,7 @@ class Spec:
 
 def _loss(spec: Spec, params, frozen, bias, micro, n_targets, n_rows, n_micro):
     tc = spec.tc
-    model = spec.layout.merge(spec.weights(params, frozen), bias)
+    model = spec.layout.merge(spec.weights(params, frozen, bias), bias)
     logits, aux = model(micro["tokens"], positions=micro["positions"], segment_ids=micro["segment_ids"],
                         return_aux=True, remat=tc.remat)
     ce_sum, _ = cross_entropy(logits, micro["targets"], micro["loss_mask"])
@@ -163,20 +167,22 @@ class Trainer:
         self.config = model.config
         tc = tc.resolve(model.config)
         scheme = scheme_of(model)
-        if scheme is not None:
-            # LoRA would also need the merged weight W + ΔW written back quantized; until it is, both refuse.
+        if scheme is not None and not tc.lora_rank:
             raise ValueError(
                 f"the model's projections are quantized ({scheme.method}, kept so by `mla-jax convert --weights "
-                f"{scheme.method}`): {'LoRA' if tc.lora_rank else 'full'} fine-tuning of a quantized base is not "
-                "supported; fine-tune a checkpoint converted without --weights (bfloat16)")
+                f"{scheme.method}`): full fine-tuning would train float copies of them all; fine-tune with LoRA "
+                "(lora_rank > 0; the base stays quantized), or fully a checkpoint converted without --weights")
         layout, base, self._rest = split(model)
-        dtypes = {np.dtype(v.dtype).name for v in base.values()}
+        # a quantized base's values are not the compute dtype; its other parameters are
+        dtypes = {np.dtype(v.dtype).name for v in base.values()
+                  if scheme is None or np.dtype(v.dtype) != scheme.storage_dtype}
         if len(dtypes) != 1:
             raise ValueError(f"the model's parameters mix dtypes {sorted(dtypes)}; expected one")
         targets = lora.targets(model) if tc.lora_rank else {}
         moe_stacks = tuple((k, run.count) for k, run in enumerate(layer_runs(model.config)) if run.moe)
         self.spec = Spec(layout, tc, dtypes.pop(), moe_stacks, model.config.n_routed_experts or 1,
-                         tuple((n, s, lead, d) for n, (s, lead, d) in sorted(targets.items())))
+                         tuple((n, s, lead, d) for n, (s, lead, d) in sorted(targets.items())),
+                         tuple(sorted(lora.quantized_targets(model, targets).items())))
         # LoRA freezes the base in its own dtype; full fine-tuning trains float32 masters of it all.
         self.frozen = base if tc.lora_rank else {}
         self._base = base
@@ -218,7 +224,7 @@ class Trainer:
 
     def model(self, state: dict) -> Transformer:
         """The trained model (LoRA merged into the kernels, router biases as updated)."""
-        return self.spec.layout.merge(self.spec.weights(state["params"], self.frozen), state["bias"])
+        return self.spec.layout.merge(self.spec.weights(state["params"], self.frozen, state["bias"]), state["bias"])
 
     def gradients(self, state: dict, batch: dict) -> tuple[dict, jax.Array]:
         """(gradient of the batch's mean cross-entropy + balance losses w.r.t. state["params"], mean CE)."""
