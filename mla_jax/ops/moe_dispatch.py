@@ -181,7 +181,7 @@ def grouped_matmul_tokamax(lhs, rhs, group_sizes):
 
 def grouped_matmul_ragged_dot(lhs, rhs, group_sizes):
     """`jax.lax.ragged_dot` as XLA lowers it (jax 0.10: one dense dot over all groups)."""
-    return lax.ragged_dot(lhs, materialize(rhs, lhs.dtype), group_sizes)
+    return lax.ragged_dot(lhs, materialize(rhs), group_sizes)
 
 
 # ------------------------------------------------------------------------ the loop form
