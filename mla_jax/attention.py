@@ -87,6 +87,27 @@ def absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale):
     return jnp.einsum("BTNC,CNH->BTNH", o_lat, w_uv)
 
 
+class DecodeLayout(nnx.Variable):
+    """W_UK and W_UV transposed head-first ([N,H,C], [N,C,Hv]) for the absorbed decode step: derived
+    from kv_b_proj once per generation (`with_decode_layout`), never trained or saved."""
+
+
+def with_decode_layout(model: nnx.Module) -> nnx.Module:
+    """A view of `model` (sharing its arrays) whose MLA blocks also hold W_UK and W_UV head-first.
+
+    The absorbed products batch over heads; from kv_b_proj's [C,N,H+Hv] XLA transposes both blocks
+    on every decode step (on CPU as slow as reading all of the layer's other attention weights).
+    Done once here, a step reads them in place. Extra memory: kv_b_proj's size.
+    """
+    view = nnx.merge(*nnx.split(model))
+    for _, mla in nnx.iter_graph(view):
+        if isinstance(mla, MLA):
+            w_uk, w_uv = mla.w_uk, mla.w_uv  # [..., C, N, H], [..., C, N, Hv] (leading L when stacked)
+            mla.uk_by_head = DecodeLayout(jnp.moveaxis(w_uk, -3, -1))  # [..., N, H, C]
+            mla.uv_by_head = DecodeLayout(jnp.swapaxes(w_uv, -3, -2))  # [..., N, C, Hv]
+    return view
+
+
 class MLA(nnx.Module):
     """The weights of one MLA block and the projections around the attention maths."""
 
@@ -114,6 +135,18 @@ class MLA(nnx.Module):
     @property
     def w_uv(self) -> jax.Array:
         return self.kv_b_proj.weight()[..., self.config.qk_nope_head_dim :]
+
+    def absorb(self, q_nope: jax.Array) -> jax.Array:
+        """q_nope [B,T,N,H] -> q_lat [B,T,N,C] (`absorb_query`), head-first weights if present."""
+        if getattr(self, "uk_by_head", None) is None:
+            return absorb_query(q_nope, self.w_uk)
+        return jnp.einsum("BTNH,NHC->BTNC", q_nope, self.uk_by_head[...])
+
+    def unabsorb(self, o_lat: jax.Array) -> jax.Array:
+        """o_lat [B,T,N,C] -> per-head values [B,T,N,Hv] through W_UV, head-first weights if present."""
+        if getattr(self, "uv_by_head", None) is None:
+            return jnp.einsum("BTNC,CNH->BTNH", o_lat, self.w_uv)
+        return jnp.einsum("BTNC,NCH->BTNH", o_lat, self.uv_by_head[...])
 
     def queries(self, x, sin, cos):
         """x [B,T,D] -> q_nope [B,T,N,H], q_rope [B,T,N,R] (rotated)."""

@@ -39,7 +39,7 @@ import pallas_kernels
 from pallas_kernels._interpret import has_sm90_gpu
 from pallas_kernels.mla_decode import choose_implementation
 from mla_jax import cache as kv
-from mla_jax.attention import absorb_query, expand_keys, join_query
+from mla_jax.attention import expand_keys, join_query, with_decode_layout
 from mla_jax.errors import UsageError, UsageTypeError
 from mla_jax.model import Transformer
 from mla_jax.ops import attention as ops_attention
@@ -217,7 +217,7 @@ def _decode_attention(positions, implementation: str):
         c_kv, k_rope = mla.latents(x, sin, cos)
         cache = kv.write(cache, layer, jnp.concatenate([c_kv, k_rope], axis=-1), positions,
                          jnp.ones(positions.shape, bool))
-        q = jnp.concatenate([absorb_query(q_nope, mla.w_uk), q_rope.astype(q_nope.dtype)], axis=-1)
+        q = jnp.concatenate([mla.absorb(q_nope), q_rope.astype(q_nope.dtype)], axis=-1)
         pages = cache.pages[layer]  # [P,S,C+R]
         q = q.astype(query_dtype(pages.dtype))  # [B,1,N,C+R]
         scales = None if cache.scales is None else cache.scales[layer]
@@ -233,7 +233,7 @@ def _decode_attention(positions, implementation: str):
                                          default=functools.partial(decode, "xla"))
         else:
             o_lat = decode(implementation, *args)
-        out = jnp.einsum("BTNC,CNH->BTNH", o_lat.astype(x.dtype), mla.w_uv)  # [B,1,N,Hv]
+        out = mla.unabsorb(o_lat.astype(x.dtype))  # [B,1,N,Hv]
         return mla.o_proj(out), cache
 
     return attend
@@ -463,7 +463,7 @@ class Stream:
             tokens[i, : len(p)] = p
         self.tokens, self.lengths = tokens, jnp.asarray(lengths, jnp.int32)
         self.vocab_size = config.vocab_size
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, self.state = nnx.split(with_decode_layout(model))  # transposed once, not per step
 
     def __iter__(self) -> Iterator[np.ndarray]:
         if self.max_new_tokens == 0:

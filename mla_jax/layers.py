@@ -65,7 +65,10 @@ class OutProj(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.weight()
-        y = jnp.einsum("BTNH,NHD->BTD", x.astype(kernel.dtype), kernel)
+        n, h, d = kernel.shape
+        # One contraction over the flattened (N,H): as a two-axis einsum XLA:CPU put H before N and
+        # copied the whole [N,H,D] kernel into that order on every call.
+        y = jnp.einsum("BTK,KD->BTD", x.astype(kernel.dtype).reshape(*x.shape[:-2], n * h), kernel.reshape(n * h, d))
         if self.bias is not None:
             y = y + self.bias[...]
         return y

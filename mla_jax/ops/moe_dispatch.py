@@ -37,11 +37,14 @@ from jax import lax
 from mla_jax.ops import platform
 from mla_jax.quant.blocks import Blocked, index, materialize
 
-# Row tiles of the loop form: whole tiles of BIG rows, then the rest of an expert's rows in tiles of
-# SMALL (at most SMALL - 1 padded rows per expert; a decode step's one or two rows per expert pay
-# for SMALL, not BIG).
+# Row tiles of the loop form: whole tiles of BIG rows, then SMALL-row tiles, and an expert's last
+# one or two rows (up to SINGLE_ROWS) one row at a time. One row is a matrix-vector product, which
+# XLA:CPU runs at memory speed, while a SMALL-row product of a few real rows ran 2.5x slower per
+# weight byte (bench/results/moe-tiles-*.json): a decode step's one row per expert is a single
+# pass over that expert's weights at the bandwidth the dense layers get.
 BIG_TILE = 64
 SMALL_TILE = 8
+SINGLE_ROWS = 2
 
 
 # ------------------------------------------------------------------------ the dispatch
@@ -200,16 +203,23 @@ def _row_tile(arr, row0, tile, first, end):
     return jnp.where(mine[:, None], block, 0.0), start, mine
 
 
+def _loop(n, offset, tile, body, carry):
+    return lax.fori_loop(0, n, lambda j, c: body(offset + j * tile, tile, c), carry)
+
+
 def _for_each_tile(size, p: int, body, carry):
-    """Runs body(row_offset, tile, carry) over an expert's `size` rows: BIG tiles, then SMALL ones."""
+    """Runs body(row_offset, tile, carry) over an expert's `size` rows: BIG tiles, SMALL tiles, then
+    the last rows one at a time when at most SINGLE_ROWS are left (else one more SMALL tile)."""
     big, small = _tiles(p)
-    if small == big:  # fewer rows than a big tile: one tile size
-        return lax.fori_loop(0, (size + big - 1) // big, lambda j, c: body(j * big, big, c), carry)
-    n_big = size // big
-    carry = lax.fori_loop(0, n_big, lambda j, c: body(j * big, big, c), carry)
+    n_big = size // big if big > small else 0
     rest = size - n_big * big
-    return lax.fori_loop(0, (rest + small - 1) // small,
-                         lambda j, c: body(n_big * big + j * small, small, c), carry)
+    n_single = jnp.where(rest % small <= SINGLE_ROWS, rest % small, 0)
+    n_small = (rest - n_single + small - 1) // small
+    carry = _loop(n_big, 0, big, body, carry)
+    carry = _loop(n_small, n_big * big, small, body, carry)
+    if small == 1:
+        return carry
+    return _loop(n_single, n_big * big + n_small * small, 1, body, carry)
 
 
 def _active_experts(group_sizes):
