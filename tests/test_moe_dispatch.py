@@ -100,7 +100,10 @@ def test_token_chunks_give_the_same_values_and_gradients():
         assert relative(a, b) < 1e-6
 
 
-@pytest.mark.parametrize("group_sizes", [[0, 5, 0, 60, 3], [68, 0, 0, 0, 0], [0, 0, 0, 0, 68], [1, 1, 1, 1, 1]])
+# Row tiles: 64-row, 8-row, and single rows for an expert's last one or two: [65, 2, 1] ends in
+# single rows after a 64-row tile, 2 and 1 are single rows only; [0, 5, 0, 60, 3] pads 8-row tiles.
+@pytest.mark.parametrize("group_sizes", [[0, 5, 0, 60, 3], [68, 0, 0, 0, 0], [0, 0, 0, 0, 68], [1, 1, 1, 1, 1],
+                                         [65, 0, 2, 0, 1]])
 def test_grouped_matmul_loops_is_ragged_dot(group_sizes):
     """Same contract as jax.lax.ragged_dot, rows past sum(group_sizes) included (they are zero)."""
     keys = jax.random.split(jax.random.key(3), 3)
