@@ -313,20 +313,6 @@ def _executable(fn, graphdef, args, statics: dict):
     return compiled, time.perf_counter() - start
 
 
-def _abstract_decode_view(model: Transformer):
-    """(graphdef, abstract state) of `with_decode_layout(model)`, the view `generate` decodes with;
-    `model` may be abstract."""
-    graphdef, state = nnx.split(model)
-    view = {}
-
-    def split_view(state):
-        view["graphdef"], view_state = nnx.split(with_decode_layout(nnx.merge(graphdef, state)))
-        return view_state
-
-    abstract = jax.eval_shape(split_view, state)
-    return view["graphdef"], abstract
-
-
 def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size: int = kv.DEFAULT_PAGE_SIZE,
                       cache_dtype=jnp.bfloat16, implementation: str | None = None, sampling: Sampling = Sampling(),
                       device: jax.Device | None = None, place=None) -> jax.stages.Lowered:
@@ -343,7 +329,7 @@ def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size
         raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS} or None")
     if implementation is None:
         implementation = decode_implementation(model.config, page_size=page_size, cache_dtype=cache_dtype)
-    graphdef, state = _abstract_decode_view(model)
+    graphdef, state = nnx.split(model)
     pages_per_seq = kv.pages_needed(context, page_size)
     cache = jax.eval_shape(lambda: kv.init_cache(model.config, batch * pages_per_seq, batch, pages_per_seq,
                                                  page_size=page_size, dtype=cache_dtype))
