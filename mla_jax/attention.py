@@ -93,7 +93,8 @@ class DecodeLayout(nnx.Variable):
 
 
 def with_decode_layout(model: nnx.Module) -> nnx.Module:
-    """A view of `model` (sharing its arrays) whose MLA blocks also hold W_UK and W_UV head-first.
+    """A view of `model` (sharing its arrays) whose MLA blocks also hold W_UK and W_UV head-first
+    (what `generate` decodes with on CPUs).
 
     The absorbed products batch over heads; from kv_b_proj's [C,N,H+Hv] XLA transposes both blocks
     on every decode step (on CPU as slow as reading all of the layer's other attention weights).

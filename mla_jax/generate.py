@@ -313,6 +313,19 @@ def _executable(fn, graphdef, args, statics: dict):
     return compiled, time.perf_counter() - start
 
 
+def _runs_on_cpu(model: Transformer) -> bool:
+    """Whether the decode step will run on the CPU: $MLA_JAX_PLATFORM if set, else where the weights are.
+
+    There `generate` decodes with `with_decode_layout(model)`: XLA:CPU transposes W_UK and W_UV for the
+    head-batched products on every step, as slowly as it reads the rest of the layer's attention
+    weights. GPUs transpose them at memory speed and keep the memory (kv_b_proj's size) instead.
+    """
+    chosen = platform.forced()
+    if chosen is not None:
+        return chosen == "cpu"
+    return all(d.platform == "cpu" for leaf in jax.tree.leaves(nnx.state(model)) for d in leaf.devices())
+
+
 def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size: int = kv.DEFAULT_PAGE_SIZE,
                       cache_dtype=jnp.bfloat16, implementation: str | None = None, sampling: Sampling = Sampling(),
                       device: jax.Device | None = None, place=None) -> jax.stages.Lowered:
@@ -463,7 +476,7 @@ class Stream:
             tokens[i, : len(p)] = p
         self.tokens, self.lengths = tokens, jnp.asarray(lengths, jnp.int32)
         self.vocab_size = config.vocab_size
-        self.graphdef, self.state = nnx.split(with_decode_layout(model))  # transposed once, not per step
+        self.graphdef, self.state = nnx.split(with_decode_layout(model) if _runs_on_cpu(model) else model)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         if self.max_new_tokens == 0:
