@@ -102,7 +102,7 @@ def with_decode_layout(model: nnx.Module) -> nnx.Module:
     """
     view = nnx.merge(*nnx.split(model))
     for _, mla in nnx.iter_graph(view):
-        if isinstance(mla, MLA):
+        if isinstance(mla, MLA) and mla.kv_b_proj.quant is None:  # a quantized kv_b stays quantized
             w_uk, w_uv = mla.w_uk, mla.w_uv  # [..., C, N, H], [..., C, N, Hv] (leading L when stacked)
             mla.uk_by_head = DecodeLayout(jnp.moveaxis(w_uk, -3, -1))  # [..., N, H, C]
             mla.uv_by_head = DecodeLayout(jnp.swapaxes(w_uv, -3, -2))  # [..., N, C, Hv]
