@@ -21,7 +21,7 @@ def _grads(remat: str):
     return trainer.gradients(trainer.init_state(), batch(seed=3))
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", [pytest.param("full", marks=pytest.mark.slow), "dots"])  # CI budget: one policy by default
 def test_remat_gives_the_same_gradients(remat):
     want, want_ce = _grads("none")
     got, got_ce = _grads(remat)
