@@ -204,13 +204,11 @@ def mosaic_gpu(q, k, v, segment_ids, *, scale: float) -> jax.Array:
     from `reference` but are finite, and no real token sees them.
     """
     _check(q, k, v, segment_ids)
-    from absl import flags
     from tokamax._src.ops.attention import base, pallas_mosaic_gpu
 
-    # tokamax reads its absl flags and, if nobody parsed them, parses sys.argv - which fails under
-    # any program with its own arguments (pytest, our CLIs). Its defaults are what we want.
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+    from mla_jax.ops import _tokamax
+
+    _tokamax.prepare()
 
     mask = base.Mask(k_start=segment_starts(segment_ids)[:, None, :], is_causal=True)
     impl = pallas_mosaic_gpu.PallasMosaicGpuFlashAttention()

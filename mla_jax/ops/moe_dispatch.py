@@ -173,12 +173,10 @@ def tokamax_serves() -> bool:
 
 def grouped_matmul_tokamax(lhs, rhs, group_sizes):
     import tokamax
-    from absl import flags
 
-    # tokamax reads its absl flags on first use by parsing sys.argv, which holds the arguments of
-    # whatever program imported us (pytest, a CLI) and fails on them; its defaults are what we want.
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+    from mla_jax.ops import _tokamax
+
+    _tokamax.prepare()
     return tokamax.ragged_dot(lhs, materialize(rhs), group_sizes, implementation="mosaic")
 
 
