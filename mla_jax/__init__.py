@@ -4,6 +4,7 @@ import importlib
 
 from mla_jax.config import Config, ConfigError, RopeScaling
 from mla_jax.model import Transformer
+from mla_jax import parallel
 
 # Public functions whose modules import more (orbax, tokenizers): loaded on first use.
 _LAZY = {
@@ -13,7 +14,7 @@ _LAZY = {
     "generate_stream": "mla_jax.generate",
 }
 
-__all__ = ["Config", "ConfigError", "RopeScaling", "Transformer", *_LAZY]
+__all__ = ["Config", "ConfigError", "RopeScaling", "Transformer", "parallel", *_LAZY]
 
 
 def __getattr__(name):

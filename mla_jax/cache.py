@@ -107,15 +107,29 @@ def pages_needed(length: int, page_size: int) -> int:
 
 
 class PageAllocator:
-    """Host-side free list of page ids: hands out pages per sequence and takes them back."""
+    """Host-side free lists of page ids: hands out pages per sequence and takes them back.
 
-    def __init__(self, num_pages: int):
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out the lowest id first
+    With `shards` = n (a cache split over n batch shards on a mesh, `mla_jax.parallel`), the pool
+    is n equal ranges and the sequences of batch shard i (rows [i·B/n, (i+1)·B/n)) take pages only
+    from range i, the pages that live on their devices.
+    """
+
+    def __init__(self, num_pages: int, shards: int = 1):
+        if shards < 1 or num_pages % shards:
+            raise CacheError(f"PageAllocator: {num_pages} pages do not split into {shards} equal shards")
+        self.num_pages, self.shards = num_pages, shards
+        per = num_pages // shards
+        # pop() hands out the lowest id of a range first
+        self._free = [list(range((i + 1) * per - 1, i * per - 1, -1)) for i in range(shards)]
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return sum(len(f) for f in self._free)
+
+    def _shard(self, b: int, batch: int) -> int:
+        if batch % self.shards:
+            raise CacheError(f"a batch of {batch} sequences does not split into {self.shards} cache shards")
+        return b // (batch // self.shards)
 
     def allocate(self, lengths, page_size: int, pages_per_seq: int) -> np.ndarray:
         """Block table [B, pages_per_seq] giving sequence b enough pages for lengths[b] tokens.
@@ -130,13 +144,18 @@ class PageAllocator:
             raise CacheError(
                 f"sequence {i} needs {int(lengths[i])} tokens = {need[i]} pages of {page_size}, but the "
                 f"block table holds {pages_per_seq} pages per sequence")
-        if sum(need) > self.free:
-            raise CacheError(
-                f"out of cache pages: the batch needs {sum(need)} pages of {page_size} tokens "
-                f"({[int(n) for n in lengths]} tokens), {self.free} of {self.num_pages} are free")
+        shard = [self._shard(b, len(need)) for b in range(len(need))]
+        for i in range(self.shards):
+            wanted = sum(n for n, s in zip(need, shard) if s == i)
+            if wanted > len(self._free[i]):
+                where = "" if self.shards == 1 else f" in cache shard {i} of {self.shards}"
+                raise CacheError(
+                    f"out of cache pages{where}: the batch needs {wanted} pages of {page_size} tokens "
+                    f"({[int(n) for n in lengths]} tokens), {len(self._free[i])} of "
+                    f"{self.num_pages // self.shards} are free")
         table = np.zeros((len(need), pages_per_seq), np.int32)
         for b, n in enumerate(need):
-            ids = [self._free.pop() for _ in range(n)]
+            ids = [self._free[shard[b]].pop() for _ in range(n)]
             table[b, :n] = ids
             table[b, n:] = ids[-1]
         return table
@@ -145,11 +164,15 @@ class PageAllocator:
         """Returns the pages `allocate` gave for these lengths; a page freed twice is an error."""
         ids = [int(p) for b, n in enumerate(lengths)
                for p in np.asarray(block_table)[b, : pages_needed(int(n), page_size)]]
-        held = set(range(self.num_pages)) - set(self._free)
+        held = set(range(self.num_pages)) - {p for f in self._free for p in f}
         stray = sorted(set(ids) - held)
         if stray or len(set(ids)) != len(ids):
             raise CacheError(f"release: pages {stray or ids} are not allocated (double release?)")
-        self._free.extend(sorted(ids, reverse=True))
+        per = self.num_pages // self.shards
+        for p in ids:
+            self._free[p // per].append(p)
+        for f in self._free:
+            f.sort(reverse=True)
 
 
 def check_length(config: Config, lengths, max_new_tokens: int) -> None:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from pallas_kernels._interpret import has_sm90_gpu
@@ -44,6 +45,8 @@ from mla_jax.errors import UsageError, UsageTypeError
 from mla_jax.model import Transformer
 from mla_jax.ops import attention as ops_attention
 from mla_jax.ops import platform
+from mla_jax.parallel.mesh import auto_axes, leading_spec, mesh_of, on_mesh
+from mla_jax.parallel.rules import batch_axes, batch_sharding, cache_sharding, replicated, shard_count
 from mla_jax.rope import sin_cos
 from mla_jax.sampling import Sampling, sample
 
@@ -247,6 +250,13 @@ def _first_token(logits, done_so_far, key, sampling: Sampling, stop):
     return token, done, key
 
 
+def _step_specs(cache, tokens):
+    """Layouts of a step's outputs on a mesh: (cache, tokens [B], done [B], key, logits [B,V])."""
+    rows = leading_spec(tokens, 1)[0]
+    cache_specs = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, cache)
+    return cache_specs, P(rows), P(rows), P(), P(rows, None)
+
+
 def _prefill(graphdef, state, cache, tokens, start, lengths, logits, key, stop, *, sampling: Sampling, block: int):
     """One chunk [B,T] of the right-padded prompts (lengths [B]), at positions start..start+T-1.
 
@@ -254,6 +264,12 @@ def _prefill(graphdef, state, cache, tokens, start, lengths, logits, key, stop, 
     sequence's last-token logits from the chunk that held it; after the last chunk, the token
     sampled from them is the first new one (every chunk gets the same key).
     """
+    body = functools.partial(_prefill_body, graphdef, sampling=sampling, block=block)
+    return auto_axes(body, (state, cache, tokens, start, lengths, logits, key, stop), _step_specs(cache, tokens))
+
+
+def _prefill_body(graphdef, state, cache, tokens, start, lengths, logits, key, stop, *, sampling: Sampling,
+                  block: int):
     model = nnx.merge(graphdef, state)
     b, t = tokens.shape
     positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -271,6 +287,11 @@ def _prefill(graphdef, state, cache, tokens, start, lengths, logits, key, stop, 
 
 def _decode(graphdef, state, cache, tokens, done, key, stop, *, sampling: Sampling, implementation: str):
     """One token per sequence [B] -> (cache, next tokens [B], done, key, logits [B,V])."""
+    body = functools.partial(_decode_body, graphdef, sampling=sampling, implementation=implementation)
+    return auto_axes(body, (state, cache, tokens, done, key, stop), _step_specs(cache, tokens))
+
+
+def _decode_body(graphdef, state, cache, tokens, done, key, stop, *, sampling: Sampling, implementation: str):
     model = nnx.merge(graphdef, state)
     positions = cache.seq_lens[:, None]  # the new token's position, [B,1]
     cache = cache._replace(seq_lens=cache.seq_lens + 1)
@@ -293,18 +314,20 @@ def compilations() -> int:
     return _COMPILE_COUNT[0]
 
 
-def _executable(fn, graphdef, args, statics: dict):
-    """The compiled `fn` for these argument types, compiling (and timing) on first sight.
+def _executable(fn, graphdef, args, statics: dict, out_shardings=None):
+    """The compiled `fn` for these argument types and layouts, compiling (and timing) on first sight.
 
-    Returns (executable, seconds spent compiling now). args[0] (the cache) is donated.
+    Returns (executable, seconds spent compiling now). args[1] (the cache) is donated. On a mesh,
+    `out_shardings` keeps the outputs where the next step's inputs are (one executable per layout).
     """
+    leaves = jax.tree.leaves(args)
     key = (fn.__name__, graphdef, tuple(sorted(statics.items())), jax.tree.structure(args),
-           tuple(jax.typeof(x) for x in jax.tree.leaves(args)))
+           tuple(jax.typeof(x) for x in leaves), tuple(getattr(x, "sharding", None) for x in leaves))
     if key in _EXECUTABLES:
         _EXECUTABLES.move_to_end(key)
         return _EXECUTABLES[key], 0.0
     start = time.perf_counter()
-    jitted = jax.jit(functools.partial(fn, graphdef, **statics), donate_argnums=(1,))
+    jitted = jax.jit(functools.partial(fn, graphdef, **statics), donate_argnums=(1,), out_shardings=out_shardings)
     compiled = jitted.lower(*args).compile()
     _COMPILE_COUNT[0] += 1
     _EXECUTABLES[key] = compiled
@@ -465,8 +488,14 @@ class Stream:
         # By default the pool holds every sequence at the bucket's full length; a smaller pool is
         # shared out by what each request really needs (its prompt plus max_new_tokens).
         pool = b * pages_per_seq if num_pages is None else num_pages
+        self.graphdef, self.state = nnx.split(model)
+        self.mesh = mesh_of(self.state)  # where the weights live: the batch and cache follow them
+        shards = 1 if self.mesh is None else shard_count(self.mesh, batch_axes(self.mesh, b))
+        if pool % shards:
+            raise UsageError(f"num_pages={num_pages}: the cache is split over {shards} batch shards on "
+                             f"this mesh; use a multiple of {shards}")
         self.cache = kv.init_cache(config, pool, b, pages_per_seq, page_size=page_size, dtype=cache_dtype)
-        self.allocator = kv.PageAllocator(self.cache.num_pages)
+        self.allocator = kv.PageAllocator(self.cache.num_pages, shards)
         self.reserved = [n + self.max_new_tokens for n in lengths]
         self.table = self.allocator.allocate(self.reserved, page_size, pages_per_seq)
         self.cache = self.cache._replace(block_table=jnp.asarray(self.table))
@@ -476,22 +505,42 @@ class Stream:
             tokens[i, : len(p)] = p
         self.tokens, self.lengths = tokens, jnp.asarray(lengths, jnp.int32)
         self.vocab_size = config.vocab_size
-        self.graphdef, self.state = nnx.split(with_decode_layout(model) if _runs_on_cpu(model) else model)
+        if self.mesh is None and _runs_on_cpu(model):  # one device: the CPU decode layout (see _runs_on_cpu)
+            self.graphdef, self.state = nnx.split(with_decode_layout(model))
+        self.out_shardings = self.rows = None
+        if self.mesh is not None:
+            self.rows = batch_sharding(self.mesh, (b, 1))
+            cache_at = cache_sharding(self.mesh, self.cache)
+            self.cache = jax.device_put(self.cache, cache_at)
+            self.lengths = jax.device_put(self.lengths, self.rows)
+            self.key, self.stop = jax.device_put((self.key, self.stop), replicated(self.mesh))
+            self.out_shardings = (cache_at, self.rows, self.rows, replicated(self.mesh), self.rows)
+
+    def _put(self, x: jax.Array) -> jax.Array:
+        """x [B,...] split like the batch on the model's mesh (unchanged without one)."""
+        return x if self.rows is None else jax.device_put(x, self.rows)
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        with on_mesh(self.mesh):
+            yield from self._steps()
+
+    def _steps(self) -> Iterator[np.ndarray]:
         if self.max_new_tokens == 0:
             return
         if self.cache is None:
             raise RuntimeError("this Stream has already run (its cache was donated); call generate_stream again")
         cache, self.cache = self.cache, None  # donated below
-        logits = jnp.zeros((len(self.prompts), self.vocab_size), jnp.float32)
+        logits = self._put(jnp.zeros((len(self.prompts), self.vocab_size), jnp.float32))
         prefill, begin = None, 0.0
         for first in range(0, self.tokens.shape[1], self.chunk):
-            chunk = jnp.asarray(self.tokens[:, first: first + self.chunk])
-            args = (self.state, cache, chunk, jnp.asarray(first, jnp.int32), self.lengths, logits, self.key, self.stop)
+            chunk = self._put(jnp.asarray(self.tokens[:, first: first + self.chunk]))
+            start = jnp.asarray(first, jnp.int32)
+            start = start if self.mesh is None else jax.device_put(start, replicated(self.mesh))
+            args = (self.state, cache, chunk, start, self.lengths, logits, self.key, self.stop)
             if prefill is None:
                 prefill, compile_s = _executable(_prefill, self.graphdef, args,
-                                                 {"sampling": self.sampling, "block": ATTENTION_BLOCK})
+                                                 {"sampling": self.sampling, "block": ATTENTION_BLOCK},
+                                                 self.out_shardings)
                 self.stats.compile_seconds += compile_s
                 begin = time.perf_counter()
             cache, token, done, key, logits = prefill(*args)
@@ -506,7 +555,7 @@ class Stream:
                     break
                 step_args = (self.state, cache, token, done, key, self.stop)
                 if decode is None:
-                    decode, compile_s = _executable(_decode, self.graphdef, step_args, statics)
+                    decode, compile_s = _executable(_decode, self.graphdef, step_args, statics, self.out_shardings)
                     self.stats.compile_seconds += compile_s
                     start = time.perf_counter()
                 # Dispatch the next step before handing out this one, so the device never waits on us.

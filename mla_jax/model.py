@@ -24,11 +24,13 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from mla_jax.attention import MLA
 from mla_jax.config import Config
 from mla_jax.layers import INIT_STD, MLP, Linear, RMSNorm
 from mla_jax.moe import MoE
+from mla_jax.parallel.mesh import auto_axes, leading_spec
 from mla_jax.rope import sin_cos
 
 Path = tuple
@@ -248,11 +250,23 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        sin, cos = sin_cos(self.config, positions)
+        graphdef, state = nnx.split(self)
 
-        def attend(layer, mla, x, sin, cos, carry):
-            return mla(x, sin, cos, segment_ids, form=attention_form), carry
+        def forward(state, tokens, positions, segment_ids):
+            model = nnx.merge(graphdef, state)
+            sin, cos = sin_cos(model.config, positions)
 
-        h, _, aux = self.run_layers(self.embed(tokens), sin, cos, attend, moe_reference=moe_reference, remat=remat)
-        logits = self.logits(h)
+            def attend(layer, mla, x, sin, cos, carry):
+                return mla(x, sin, cos, segment_ids, form=attention_form), carry
+
+            h, _, aux = model.run_layers(model.embed(tokens), sin, cos, attend, moe_reference=moe_reference,
+                                           remat=remat)
+            return model.logits(h), aux
+
+        # On a mesh with Explicit axes the body runs with sharding propagation (mla_jax.parallel);
+        # logits and router stats [L,M,E] come back split like the batch (M = B·T, batch-major).
+        rows = leading_spec(tokens, 1)[0]
+        specs = (P(rows, None, None), None if not any(run.moe for run in layer_runs(self.config)) else
+                 {"scores": P(None, rows, None), "experts": P(None, rows, None), "load": P(None, None)})
+        logits, aux = auto_axes(forward, (state, tokens, positions, segment_ids), specs)
         return (logits, aux) if return_aux else logits

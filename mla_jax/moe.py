@@ -29,6 +29,7 @@ from mla_jax.config import Config
 from mla_jax.layers import INIT_STD, MLP, RouterBias
 from mla_jax.ops import moe_dispatch
 from mla_jax.quant.blocks import Blocked, Quantized
+from mla_jax.parallel.experts import sharded_dispatch
 
 
 class Routing(NamedTuple):
@@ -176,8 +177,8 @@ class MoE(nnx.Module):
         weights = self.experts.weights()
         if reference:
             y = dispatch_reference(flat, r, *weights)
-        else:
-            y = dispatch(flat, r, *weights, implementation=implementation)
+        else:  # on a mesh with an `expert` axis the routed experts run split over it (mla_jax.parallel.experts)
+            y = sharded_dispatch(dispatch, flat, r, *weights, implementation=implementation)
         y = y.astype(x.dtype).reshape(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

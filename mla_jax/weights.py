@@ -27,7 +27,7 @@ from mla_jax.config import Config
 from mla_jax.layers import RouterBias
 from mla_jax.model import Transformer, checkpoint_paths, model_path
 from mla_jax.quant.blocks import ScaleInv, Scheme
-from mla_jax.sharding import Rules, named_sharding
+from mla_jax.parallel.rules import param_sharding
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -128,12 +128,13 @@ def slot(model: Transformer, path: store.Path) -> Slot:
     return Slot(node, index)
 
 
-def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, rules: Rules | None = None,
-         *, verify: bool = True) -> Transformer:
+def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, *,
+         verify: bool = True) -> Transformer:
     """The Transformer stored at `path` (written by `mla-jax convert` or `save`), weights in `dtype`.
 
-    With a `mesh`, each weight is laid out by the sharding rules (`mla_jax.sharding`; default: experts
-    over E, attention over heads N); without, everything lands on the first device. Weights kept
+    With a `mesh` (axes named after the presets of `mla_jax.parallel`: data, fsdp, tensor, expert),
+    each weight is laid out by the logical-axis table and every device reads only its own shard;
+    without, everything lands on the first device. Weights kept
     in float32 by the model (the router's correction bias) stay float32. `verify` checks every
     file against the checksum recorded when it was written (a damaged file is a CheckpointError
     naming it); False skips the reading that costs, not the size check.
@@ -155,7 +156,7 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, 
     for p, (m, i) in slots.items():
         var = variables[m]
         shape = Slot(var, i).shape
-        sharding = device if mesh is None else named_sharding(store.path_name(p), shape, mesh, rules)
+        sharding = device if mesh is None else param_sharding(mesh, store.path_name(p), shape)
         targets[p] = jax.ShapeDtypeStruct(shape, var.dtype, sharding=sharding)
         if i is not None and m not in whole:  # the stack takes its layers' layout, unsplit along L
             stacked = device if mesh is None else NamedSharding(mesh, PartitionSpec(None, *sharding.spec))

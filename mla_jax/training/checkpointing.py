@@ -35,11 +35,14 @@ class RunCheckpoints:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
-        """(state, meta) saved at `step`; `abstract_state` gives every leaf's shape and dtype."""
+        """(state, meta) saved at `step`; `abstract_state` gives every leaf's shape and dtype, and
+        its layout where it has one (a state on a mesh: each device reads only its shards)."""
         if step not in self.manager.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step}; saved steps are {self.steps()}")
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+            else device), abstract_state)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.meta

@@ -30,10 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mla_jax.model import Transformer, layer_runs
 from mla_jax.quant.apply import scheme_of
 from mla_jax.quant.blocks import Quantized
+from mla_jax.parallel.mesh import auto_axes, mesh_of, on_mesh
+from mla_jax.parallel.rules import batch_axes, param_sharding, replicated
 from mla_jax.training import balance, lora, optim
 from mla_jax.training.config import TrainConfig
 from mla_jax.training.losses import cross_entropy
@@ -117,7 +120,27 @@ def _grads(spec: Spec, params: dict, frozen: dict, bias: dict, batch: dict):
     return grads, ce / n_targets, aux_loss, loads
 
 
+METRICS = ("loss", "aux_loss", "lr", "grad_norm", "expert_load_max_over_mean", "tokens")
+
+
+def _specs(tree):
+    """The PartitionSpec of every array of `tree` (its layout, as the outputs of a step keep it)."""
+    return jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
+
+
 def _step(spec: Spec, state: dict, frozen: dict, batch: dict):
+    # On a mesh with Explicit axes the body runs with sharding propagation (mla_jax.parallel); the
+    # new state keeps the old one's layout, the metrics are replicated.
+    return auto_axes(functools.partial(_step_body, spec), (state, frozen, batch),
+                     (_specs(state), {k: P() for k in METRICS}))
+
+
+def _grads_on_mesh(spec: Spec, params: dict, frozen: dict, bias: dict, batch: dict):
+    return auto_axes(functools.partial(_grads, spec), (params, frozen, bias, batch),
+                     (_specs(params), P(), P(), P(None, None)))
+
+
+def _step_body(spec: Spec, state: dict, frozen: dict, batch: dict):
     tc = spec.tc
     grads, ce, aux_loss, loads = _grads(spec, state["params"], frozen, state["bias"], batch)
     updates, opt = optimizer(spec).update(grads, state["opt"], state["params"])
@@ -157,7 +180,7 @@ def _compiled_step(spec: Spec):
 
 @functools.lru_cache(maxsize=16)
 def _compiled_grads(spec: Spec):
-    return jax.jit(functools.partial(_grads, spec))
+    return jax.jit(functools.partial(_grads_on_mesh, spec))
 
 
 class Trainer:
@@ -186,6 +209,7 @@ class Trainer:
         # LoRA freezes the base in its own dtype; full fine-tuning trains float32 masters of it all.
         self.frozen = base if tc.lora_rank else {}
         self._base = base
+        self.mesh = mesh_of(base)  # a model laid out on a mesh trains there (mla_jax.parallel)
         self.optimizer = optimizer(self.spec)
         self.schedule = optim.schedule(tc)
         # Looked up once: hashing the spec (the whole model graph) on every step would cost time.
@@ -210,9 +234,41 @@ class Trainer:
             "rng": jax.random.key_data(jax.random.key(tc.seed)),
             "step": jnp.zeros((), jnp.int32),
         }
-        # Committed to one device like the step's outputs (and orbax's restores): were some leaves
-        # uncommitted, the second step would compile the whole step again.
-        return jax.device_put(state, jax.devices()[0])
+        # Committed like the step's outputs (and orbax's restores): were some leaves uncommitted,
+        # the second step would compile the whole step again.
+        if self.mesh is None:
+            return jax.device_put(state, jax.devices()[0])
+        return jax.device_put(state, self.state_shardings(state))
+
+    def state_shardings(self, state: dict) -> dict:
+        """Where each leaf of a train state lives on the model's mesh: parameters (and the optimizer
+        moments of each, found by its name in the optimizer state) by the logical-axis table,
+        everything else replicated."""
+        mesh = self.mesh
+        params = {n: param_sharding(mesh, n, v.shape) for n, v in state["params"].items()}
+
+        def place(path, x):
+            for key in reversed(path):
+                name = getattr(key, "key", None)
+                if name in params and tuple(state["params"][name].shape) == tuple(x.shape):
+                    return params[name]
+            return replicated(mesh)
+
+        return {"params": params, "bias": {n: replicated(mesh) for n in state["bias"]},
+                "opt": jax.tree_util.tree_map_with_path(place, state["opt"]),
+                "rng": replicated(mesh), "step": replicated(mesh)}
+
+    def place_batch(self, batch: dict) -> dict:
+        """Numpy arrays [A,B,T] -> device arrays, split along B like the batch on the model's mesh."""
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        if self.mesh is None:
+            return batch
+        out = {}
+        for k, v in batch.items():
+            axes = batch_axes(self.mesh, v.shape[1])
+            rows = None if not axes else axes[0] if len(axes) == 1 else axes
+            out[k] = jax.device_put(v, NamedSharding(self.mesh, P(None, rows, *[None] * (v.ndim - 2))))
+        return out
 
     def abstract_state(self) -> dict:
         return jax.eval_shape(self.init_state)
@@ -228,11 +284,12 @@ class Trainer:
 
     def gradients(self, state: dict, batch: dict) -> tuple[dict, jax.Array]:
         """(gradient of the batch's mean cross-entropy + balance losses w.r.t. state["params"], mean CE)."""
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        grads, ce, _, _ = self._grads_fn(state["params"], self.frozen, state["bias"], batch)
+        with on_mesh(self.mesh):
+            grads, ce, _, _ = self._grads_fn(state["params"], self.frozen, state["bias"], self.place_batch(batch))
         return grads, ce
 
     def train_step(self, state: dict, batch: dict):
         """(state, batch of numpy arrays [A,B,T]) -> (new state, metrics as python numbers). Donates `state`."""
-        new_state, metrics = self._step_fn(state, self.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+        with on_mesh(self.mesh):
+            new_state, metrics = self._step_fn(state, self.frozen, self.place_batch(batch))
         return new_state, {k: v.item() for k, v in jax.device_get(metrics).items()}

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh
 
 import mla_jax
 from mla_jax import store
 from mla_jax.config import Config
+from mla_jax.parallel import make_mesh
 from mla_jax.weights import load, model_variables, save, slot
 from mla_jax.model import Transformer
 
@@ -89,16 +89,17 @@ def test_router_bias_stays_float32(saved):
 
 
 def _mesh():
-    return Mesh(np.array(jax.devices()[:4]), ("model",))
+    return make_mesh("expert=2,tensor=2", devices=jax.devices()[:4])
 
 
-# checkpoint path -> the shape each of the 4 devices holds of that layer (E=8 experts, N=4 heads split
-# 4 ways); the stacked variable holding it is split the same way, whole along its layer axis
+# checkpoint path -> the shape each of the 4 devices holds of that layer (E=8 experts over expert=2,
+# N=4 heads and F=16 expert hidden over tensor=2); the stacked variable holding it is split the same
+# way, whole along its layer axis
 SHARDS = {
-    "routed_experts_over_E": (("layers", 1, "mlp", "experts", "gate_proj"), (2, 32, 16)),
-    "q_b_proj_over_heads": (("layers", 0, "self_attn", "q_b_proj", "kernel"), (24, 1, 12)),
-    "kv_b_proj_over_heads": (("layers", 1, "self_attn", "kv_b_proj", "kernel"), (16, 1, 16)),
-    "o_proj_over_heads": (("layers", 0, "self_attn", "o_proj", "kernel"), (1, 8, 32)),
+    "routed_experts_over_E_and_F": (("layers", 1, "mlp", "experts", "gate_proj"), (4, 32, 8)),
+    "q_b_proj_over_heads": (("layers", 0, "self_attn", "q_b_proj", "kernel"), (24, 2, 12)),
+    "kv_b_proj_over_heads": (("layers", 1, "self_attn", "kv_b_proj", "kernel"), (16, 2, 16)),
+    "o_proj_over_heads": (("layers", 0, "self_attn", "o_proj", "kernel"), (2, 8, 32)),
     "norm_replicated": (("norm", "weight"), (32,)),
 }
 
