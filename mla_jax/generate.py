@@ -507,18 +507,19 @@ class Stream:
         self.vocab_size = config.vocab_size
         if self.mesh is None and _runs_on_cpu(model):  # one device: the CPU decode layout (see _runs_on_cpu)
             self.graphdef, self.state = nnx.split(with_decode_layout(model))
-        self.out_shardings = self.rows = None
+        self.out_shardings = None
         if self.mesh is not None:
-            self.rows = batch_sharding(self.mesh, (b, 1))
+            rows = batch_sharding(self.mesh, (b,))
             cache_at = cache_sharding(self.mesh, self.cache)
             self.cache = jax.device_put(self.cache, cache_at)
-            self.lengths = jax.device_put(self.lengths, self.rows)
+            self.lengths = jax.device_put(self.lengths, rows)
             self.key, self.stop = jax.device_put((self.key, self.stop), replicated(self.mesh))
-            self.out_shardings = (cache_at, self.rows, self.rows, replicated(self.mesh), self.rows)
+            self.out_shardings = (cache_at, rows, rows, replicated(self.mesh),
+                                  batch_sharding(self.mesh, (b, config.vocab_size)))
 
     def _put(self, x: jax.Array) -> jax.Array:
         """x [B,...] split like the batch on the model's mesh (unchanged without one)."""
-        return x if self.rows is None else jax.device_put(x, self.rows)
+        return x if self.mesh is None else jax.device_put(x, batch_sharding(self.mesh, x.shape))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         with on_mesh(self.mesh):
