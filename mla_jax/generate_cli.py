@@ -15,6 +15,7 @@ import time
 
 from mla_jax.cache import DEFAULT_PAGE_SIZE, DTYPES as CACHE_DTYPES
 from mla_jax.errors import UsageError
+from mla_jax.parallel import launch
 
 WEIGHT_DTYPES = ("bfloat16", "float32")
 
@@ -42,10 +43,11 @@ def register(subparsers) -> None:
                    help="prompt tokens per prefill step (default 2048); memory beyond the cache is set by it")
     p.add_argument("--implementation", choices=("xla", "mosaic_gpu"), default=None,
                    help="decode attention (default: the GPU kernel where it runs, else XLA)")
+    launch.add_arguments(p)
     p.set_defaults(func=run)
 
 
-def load_model(path: str, dtype: str):
+def load_model(path: str, dtype: str, mesh=None):
     """An mla-jax checkpoint through `mla_jax.load`; a hub safetensors directory through checkpoints."""
     import glob
 
@@ -54,11 +56,14 @@ def load_model(path: str, dtype: str):
     if os.path.exists(os.path.join(path, "mla_jax.json")):
         from mla_jax.weights import load
 
-        return load(path, dtype=dtype)
+        return load(path, dtype=dtype, mesh=mesh)
     if glob.glob(os.path.join(path, "*.safetensors")):
         from checkpoints.demo import load_tiny
 
-        return load_tiny(path, param_dtype=jnp.dtype(dtype))[1]
+        from mla_jax.parallel.mesh import shard_model
+
+        model = load_tiny(path, param_dtype=jnp.dtype(dtype))[1]
+        return model if mesh is None else shard_model(model, mesh)
     raise UsageError(f"{path}: neither an mla-jax checkpoint (mla_jax.json) nor a hub directory with "
                             "*.safetensors; convert other formats with `mla-jax convert`")
 
@@ -95,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = [tokenizer.encode(p) for p in args.prompt]
     start = time.perf_counter()
-    model = load_model(args.ckpt, args.dtype)
+    mesh = launch.start(args)
+    model = load_model(args.ckpt, args.dtype, mesh)
     load_seconds = time.perf_counter() - start
     stop = set(tokenizer.eos_token_ids) | set(_as_tuple(model.config.eos_token_id))
     stream = generate_stream(

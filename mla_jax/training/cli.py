@@ -12,6 +12,7 @@ import os
 import re
 
 from mla_jax.errors import UsageError
+from mla_jax.parallel import launch
 
 # option -> TrainConfig field; their defaults are None so that "not given" is visible.
 _TRAIN_OPTIONS = {
@@ -66,6 +67,7 @@ def register(subparsers) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=_HELP[name])
     p.add_argument("--no-shuffle", action="store_true", default=None, help="keep the rows in file order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    launch.add_arguments(p)
     p.add_argument("--demo", action="store_true",
                    help="fine-tune the shipped tiny checkpoint on the bundled public-domain text (CPU, under "
                         "a minute); other options override the demo's settings")
@@ -131,6 +133,11 @@ def run(args) -> int:
                 stored = json.load(f).get("train_config", {})
             tc_check = {**{k: v for k, v in stored.items() if k in _fields()}, **tc_check}
         _, model = load_tiny(tiny)
+        mesh = launch.start(args)
+        if mesh is not None:
+            from mla_jax.parallel.mesh import shard_model
+
+            model = shard_model(model, mesh)
         summary = run_demo(model, tiny, args.out, overrides=tc_check, resume=resume, overwrite=args.overwrite,
                            stop_after=args.stop_after,
                            progress=not args.no_progress)
@@ -155,7 +162,7 @@ def run(args) -> int:
 
     # finetune checks --out before it loads the checkpoint, and reads the tokenizer from there.
     summary = finetune(args.ckpt, args.data, args.out, tc, resume=resume, overwrite=args.overwrite,
-                       stop_after=args.stop_after, progress=not args.no_progress)
+                       stop_after=args.stop_after, progress=not args.no_progress, mesh=launch.start(args))
     return 130 if summary["stopped"] else 0
 
 

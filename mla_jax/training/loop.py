@@ -174,6 +174,7 @@ def finetune(
     progress: bool = True,
     save_model: bool = True,
     log=print,
+    mesh=None,
 ) -> dict:
     """Fine-tunes `model` on the file `data`, writing everything under `out` (see the module docstring).
 
@@ -185,6 +186,8 @@ def finetune(
     ends the process of training after that step with a checkpoint, as an interruption would (the
     schedule still runs to `tc.steps`). Returns {"out", "steps_done", "stopped", "records" (the
     metrics), and when the run reached `tc.steps`: "model" (its path), "plot" (the PNG or None)}.
+    `mesh` (`mla_jax.parallel.make_mesh`) lays a checkpoint path's weights out on it; a model
+    given as a Transformer trains where its weights already are.
     """
     out, data = _path(out), _path(data)
     if isinstance(model, (str, os.PathLike)):
@@ -197,7 +200,7 @@ def finetune(
     check_out(out, resume=resume, overwrite=overwrite, sources={"base checkpoint": path or base or None,
                                                                  "tokenizer directory": tokenizer_from})
     if path is not None:
-        model = model_io.load_base(path, tc.param_dtype)
+        model = model_io.load_base(path, tc.param_dtype, mesh)
     if tokenizer is None and tokenizer_from is not None:
         tokenizer = load_tokenizer(tokenizer_from)
     trainer = Trainer(model, tc)

@@ -11,10 +11,10 @@ import os
 from mla_jax.model import Transformer
 
 
-def load_base(path: str | os.PathLike, dtype: str) -> Transformer:
+def load_base(path: str | os.PathLike, dtype: str, mesh=None) -> Transformer:
     from mla_jax.weights import load
 
-    return load(path, dtype=dtype)
+    return load(path, dtype=dtype, mesh=mesh)
 
 
 def save_result(model: Transformer, path: str | os.PathLike, tokenizer_from: str | os.PathLike | None) -> str:

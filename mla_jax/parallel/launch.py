@@ -1,0 +1,72 @@
+"""The command line's way onto a mesh and onto several hosts: `--mesh`, `--mesh-axes` and the
+`jax.distributed` flags, shared by `mla-jax generate` and `mla-jax finetune`.
+
+Multi-host: every host runs the same command with its own `--process-id` (or MLA_JAX_PROCESS_ID);
+`--coordinator host:port` (MLA_JAX_COORDINATOR) and `--num-processes` (MLA_JAX_NUM_PROCESSES) are
+the same everywhere. `jax.distributed.initialize` then joins the processes before any device is
+touched, and the mesh spans every process's devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from mla_jax.errors import UsageError
+
+AXIS_TYPES = ("auto", "explicit")  # mla_jax.parallel.mesh.AXIS_TYPES
+
+ENV = {"coordinator": "MLA_JAX_COORDINATOR", "num_processes": "MLA_JAX_NUM_PROCESSES",
+       "process_id": "MLA_JAX_PROCESS_ID"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                   help="run on a device mesh, axes named after presets: data, fsdp, tensor, expert "
+                        "(e.g. data=2,tensor=4; default: one device)")
+    p.add_argument("--mesh-axes", choices=AXIS_TYPES, default="explicit",
+                   help="jax mesh axis types (default explicit)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help=f"multi-host: process 0's address (or ${ENV['coordinator']})")
+    p.add_argument("--num-processes", type=int, default=None, help=f"multi-host: processes in the job (or ${ENV['num_processes']})")
+    p.add_argument("--process-id", type=int, default=None, help=f"multi-host: this process's index (or ${ENV['process_id']})")
+
+
+def distributed_settings(args) -> dict | None:
+    """{coordinator_address, num_processes, process_id} from the flags or the environment, or None."""
+    values = {}
+    for name, env in ENV.items():
+        value = getattr(args, name, None)
+        if value is None and os.environ.get(env):
+            value = os.environ[env]
+        values[name] = value
+    if all(v is None for v in values.values()):
+        return None
+    missing = [f"--{k.replace('_', '-')}" for k, v in values.items() if v is None]
+    if missing:
+        raise UsageError(f"multi-host start-up needs --coordinator, --num-processes and --process-id; missing {missing}")
+    try:
+        n, i = int(values["num_processes"]), int(values["process_id"])
+    except ValueError:
+        raise UsageError(f"--num-processes / --process-id: expected integers, found {values['num_processes']!r}, "
+                         f"{values['process_id']!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--process-id {i} with --num-processes {n}: expected 0 <= id < count")
+    return {"coordinator_address": values["coordinator"], "num_processes": n, "process_id": i}
+
+
+def start(args):
+    """Joins the multi-host job when asked, then the mesh `--mesh` names (None without one)."""
+    import jax
+
+    from mla_jax.parallel.mesh import make_mesh
+
+    settings = distributed_settings(args)
+    if settings is not None:
+        jax.distributed.initialize(**settings)
+    if args.mesh is None:
+        return None
+    try:
+        return make_mesh(args.mesh, axis_types=args.mesh_axes)
+    except ValueError as e:
+        raise UsageError(str(e) if str(e).startswith("--mesh") else f"--mesh {args.mesh}: {e}") from None
