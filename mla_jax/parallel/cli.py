@@ -24,8 +24,8 @@ def register(subparsers) -> None:
                                                      + (f" ({', '.join(PENDING_FORMATS)}: not yet)" if PENDING_FORMATS else ""))
     p.add_argument("--batch", type=int, default=32, help="sequences decoded together (rows per train step)")
     p.add_argument("--context", type=int, default=4096, help="cached tokens per sequence")
-    p.add_argument("--mesh", default=None, help=f"AXIS=SIZE,...: axes {', '.join(MESH_AXES)} (data: batch and "
-                                                f"cache; model: experts and heads); default: proposed")
+    p.add_argument("--mesh", default=None, help=f"AXIS=SIZE,...: presets {', '.join(MESH_AXES)} (e.g. expert=8 or "
+                                                f"expert=4,tensor=2; see mla_jax/parallel/rules.py); default: proposed")
     p.add_argument("--train", action="store_true", help="also plan one full fine-tuning step (AdamW)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per training row (with --train)")
     p.add_argument("--remat", default="none", help="with --train: recompute in the backward pass (none, dots, "

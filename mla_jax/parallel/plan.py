@@ -13,10 +13,11 @@ allocated and the full V3 compiles in a few GB of host memory. What comes back, 
 
 and the collectives one step runs, counted in the optimized HLO with loop trip counts applied.
 
-Mesh axes (the sharding rule table of `mla_jax.sharding`): `model` splits the routed experts (E)
-and the attention heads (N); `data` splits the batch and the cache pages. MLA's latent cache is
-shared by all heads, so tensor parallelism cannot split it: under `model` it is replicated. With no
-mesh given, the plan proposes the split with the fewest bytes per device by counting.
+Mesh axes are the presets of `mla_jax.parallel.rules` (data, fsdp, expert, tensor; combinations
+such as expert=8,tensor=2): that table says which dimension of every weight, the cache and the batch
+each one splits, and the plan lays the compiled step's inputs out by it. MLA's latent cache is
+shared by all heads, so no preset splits it by head; it splits with the batch. With no mesh given,
+the plan proposes one by counting (`propose_mesh`).
 
 Bytes per parameter are never assumed: they are counted from the arrays of the model built in the
 weights format (`WEIGHT_FORMATS`), so a quantized format (values + scales) plugs in there.
@@ -43,11 +44,14 @@ from mla_jax import cache as kv
 from mla_jax import quant
 from mla_jax.config import Config
 from mla_jax.errors import UsageError
-from mla_jax.model import checkpoint_paths
-from mla_jax.sharding import default_rules, partition_spec
+from mla_jax.parallel import rules
 
 GIB = 1 << 30
-MESH_AXES = ("data", "model")  # data: batch and cache pages; model: experts and heads (sharding.py)
+MESH_AXES = tuple(rules.PRESETS)  # data, fsdp, expert, tensor
+# Communication a preset costs a decode step, least first (the order `propose_mesh` prefers):
+# data none; expert sends tokens to the experts' devices; tensor reduces activations every layer;
+# fsdp gathers every weight every step.
+COST_ORDER = ("fsdp", "tensor", "expert")
 TARGETS_DIR = pathlib.Path(__file__).parent / "gpu_targets"
 # --gpus names -> GPU target descriptions (device_memory_size is read from them)
 GPUS = {"h100": "h100_sxm", "h200": "h200_sxm"}
@@ -135,33 +139,39 @@ def weights_format(name: str) -> WeightsFormat:
 
 
 # ------------------------------------------------------------------------ meshes
-def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,model=4" -> {"data": 2, "model": 4} (axes from MESH_AXES, sizes >= 1)."""
-    out: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, size = part.partition("=")
-        name = name.strip()
-        if not eq or name not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
-            raise UsageError(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE] with AXIS one of {MESH_AXES}, "
-                             f"e.g. data=2,model=4; got {part!r}")
-        if name in out:
-            raise UsageError(f"--mesh {text!r}: axis {name} given twice")
-        out[name] = int(size)
-    if not out:
-        raise UsageError(f"--mesh {text!r}: expected at least one AXIS=SIZE")
-    return {a: out.get(a, 1) for a in MESH_AXES}
+def parse_mesh(text: str, cluster: Cluster) -> dict[str, int]:
+    """"expert=4,tensor=2" -> sizes of every preset axis (1 where not named; -1: the remaining devices)."""
+    from mla_jax.parallel.mesh import parse_mesh as parse
+
+    try:
+        given = parse(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    known = math.prod(v for v in given.values() if v != -1)
+    if -1 in given.values():
+        if cluster.devices % known:
+            raise UsageError(f"--mesh {text}: {cluster.devices} devices do not divide by {known}")
+        given = {a: cluster.devices // known if v == -1 else v for a, v in given.items()}
+    return {a: given.get(a, 1) for a in MESH_AXES}
 
 
 def check_mesh(axes: dict[str, int], cluster: Cluster, batch: int) -> None:
     n = math.prod(axes.values())
     if n != cluster.devices:
         raise UsageError(f"--mesh {format_mesh(axes)} has {n} devices; --gpus {cluster} has {cluster.devices}")
-    if batch % axes["data"]:
-        raise UsageError(f"--mesh data={axes['data']} does not divide --batch {batch}")
+    split = batch_split(axes)
+    if batch % split:
+        raise UsageError(f"--mesh {format_mesh(axes)} splits the batch {split} ways; --batch {batch} does not divide")
+
+
+def batch_split(axes: dict[str, int]) -> int:
+    """How many ways the mesh splits the batch (every preset that splits `batch`)."""
+    return math.prod(axes[a] for a, splits in rules.PRESETS.items() if "batch" in splits)
 
 
 def format_mesh(axes: dict[str, int]) -> str:
-    return ",".join(f"{a}={axes[a]}" for a in MESH_AXES)
+    named = [f"{a}={axes[a]}" for a in MESH_AXES if axes[a] > 1]
+    return ",".join(named) or "data=1"
 
 
 @functools.lru_cache(maxsize=8)
@@ -179,36 +189,34 @@ def topology_devices(cluster: Cluster) -> tuple:
     return tuple(topo.devices)
 
 
-def make_mesh(axes: dict[str, int], devices) -> Mesh:
-    return Mesh(np.asarray(devices).reshape([axes[a] for a in MESH_AXES]), MESH_AXES)
+def abstract_mesh(axes: dict[str, int]) -> AbstractMesh:
+    """For counting: shard shapes depend only on the mesh's shape."""
+    return AbstractMesh(tuple(axes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def device_mesh(axes: dict[str, int], devices) -> Mesh:
+    """A mesh over the topology's devices, Auto axes: the plan lays out the step's inputs and XLA
+    propagates the rest (the model's own Explicit-axes regions run the same way, `parallel.mesh`)."""
+    from mla_jax.parallel.mesh import make_mesh
+
+    return make_mesh(dict(axes), axis_types="auto", devices=list(devices))
 
 
 # ------------------------------------------------------------------------ layouts
 def _model_names(model) -> list[tuple[str, Any]]:
-    """(checkpoint-style name for the rule table, abstract array) of every model variable, in
-    `nnx.state` order; stacked variables are named after their first layer."""
+    """(dotted model path, abstract array) of every model variable, in `nnx.state` order."""
     from flax import nnx
 
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]:
         keys = tuple(k.key if hasattr(k, "key") else getattr(k, "idx", getattr(k, "name", k)) for k in path)
-        keys = tuple(k for k in keys if k != "value")
-        name = ".".join(map(str, checkpoint_paths(model.config, keys)[0][0]))
-        out.append((name, keys, leaf))
+        out.append((".".join(str(k) for k in keys if k != "value"), leaf))
     return out
 
 
-def weight_specs(model, mesh: Mesh) -> list[PartitionSpec]:
-    """One PartitionSpec per leaf of `nnx.state(model)`: the rule table on the unstacked layer shape,
-    unsplit along the stacked layer axis."""
-    rules = default_rules("model")
-    specs = []
-    for name, keys, leaf in _model_names(model):
-        stacked = keys[0] == "stacks"
-        shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
-        spec = partition_spec(name, shape, mesh, rules)
-        specs.append(PartitionSpec(None, *spec) if stacked else spec)
-    return specs
+def weight_shardings(model, mesh) -> list[NamedSharding]:
+    """One sharding per leaf of `nnx.state(model)`, by the logical-axis table."""
+    return [rules.param_sharding(mesh, name, tuple(leaf.shape)) for name, leaf in _model_names(model)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -223,11 +231,9 @@ def shard_bytes(shape, dtype, sharding: NamedSharding) -> int:
     return math.prod(sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
 
 
-def cache_specs(cache: kv.PagedCache) -> kv.PagedCache:
-    """Pages [L,P,S,C+R] over P, block table [B,pages] and lengths [B] over B: a sequence's pages
-    live with it (its block table holds ids global over the pages)."""
-    return kv.PagedCache(PartitionSpec(None, "data"), None if cache.scales is None else PartitionSpec(None, "data"),
-                         PartitionSpec("data"), PartitionSpec("data"))
+def layout_bytes(arrays, shardings) -> int:
+    """Bytes one device holds of `arrays` laid out by `shardings` (every device holds as much)."""
+    return sum(shard_bytes(a.shape, a.dtype, s) for a, s in zip(arrays, shardings, strict=True))
 
 
 def abstract_cache(config: Config, batch: int, context: int, page_size: int, dtype) -> kv.PagedCache:
@@ -278,51 +284,65 @@ class Plan:
 def count_plan(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict[str, int], *, batch: int,
                context: int, page_size: int = kv.DEFAULT_PAGE_SIZE, cache_dtype=jnp.bfloat16, name: str = "") -> Plan:
     """Bytes per device from the arrays' shapes alone (no compilation, no devices)."""
-    mesh = AbstractMesh(tuple(axes[a] for a in MESH_AXES), MESH_AXES)
+    mesh = abstract_mesh(axes)
     model = _abstract_model(config, fmt.dtype_name, fmt.quantization)
-    weights = layout_bytes([leaf for _, _, leaf in _model_names(model)], weight_specs(model, mesh), mesh)
+    weights = layout_bytes([leaf for _, leaf in _model_names(model)], weight_shardings(model, mesh))
     cache = abstract_cache(config, batch, context, page_size, cache_dtype)
-    cache_bytes = layout_bytes(jax.tree.leaves(cache), jax.tree.leaves(cache_specs(cache)), mesh)
+    cache_bytes = layout_bytes(jax.tree.leaves(cache), jax.tree.leaves(rules.cache_sharding(mesh, cache)))
     return Plan(name, cluster, fmt.name, axes, False, batch, context, None, cluster.memory_bytes, weights, cache_bytes)
 
 
-def layout_bytes(arrays, specs, mesh) -> int:
-    """Bytes one device holds of `arrays` laid out by `specs` (every device holds the same amount)."""
-    return sum(shard_bytes(a.shape, a.dtype, NamedSharding(mesh, s)) for a, s in zip(arrays, specs, strict=True))
-
-
 def candidate_meshes(cluster: Cluster, batch: int) -> list[dict[str, int]]:
-    n = cluster.devices
-    return [{"data": n // m, "model": m} for m in range(1, n + 1) if n % m == 0 and batch % (n // m) == 0]
+    """Every split of the devices over the preset axes whose batch split divides the batch."""
+    n, out = cluster.devices, []
+
+    def split(rest: int, names: tuple, sizes: dict):
+        if not names:
+            if rest == 1 and batch % batch_split(sizes) == 0:
+                out.append({a: sizes[a] for a in MESH_AXES})
+            return
+        for size in range(1, rest + 1):
+            if rest % size == 0:
+                split(rest // size, names[1:], {**sizes, names[0]: size})
+
+    split(n, MESH_AXES, {})
+    return out
+
+
+HEADROOM = 0.9  # counted bytes may fill this share of a device; XLA's temporaries need the rest
 
 
 def propose_mesh(config: Config, cluster: Cluster, fmt: WeightsFormat, *, batch: int, context: int,
                  **kw) -> dict[str, int]:
-    """The data × model split with the fewest counted bytes per device (ties: the larger model axis)."""
+    """Among the meshes whose counted bytes fill at most HEADROOM of a device, the one that
+    communicates least (fsdp, then tensor, then expert kept smallest: `COST_ORDER`); when none fits,
+    the one with the fewest bytes per device."""
     candidates = candidate_meshes(cluster, batch)
     if not candidates:
-        raise UsageError(f"--batch {batch}: no data x model split of {cluster.devices} devices divides it")
-    scored = [(count_plan(config, cluster, fmt, axes, batch=batch, context=context, **kw).peak, -axes["model"], i)
-              for i, axes in enumerate(candidates)]
-    return candidates[min(scored)[2]]
+        raise UsageError(f"--batch {batch}: no split of {cluster.devices} devices divides it")
+    cost = lambda axes: tuple(axes[a] for a in COST_ORDER)  # noqa: E731
+    counted = [(count_plan(config, cluster, fmt, axes, batch=batch, context=context, **kw).peak, axes)
+               for axes in candidates]
+    fitting = [axes for peak, axes in counted if peak <= HEADROOM * cluster.memory_bytes]
+    if fitting:
+        return min(fitting, key=cost)
+    return min(counted, key=lambda pa: (pa[0], cost(pa[1])))[1]
 
 
 # ------------------------------------------------------------------------ compiling
 def decode_placement(model, mesh: Mesh):
-    """`place` for `generate.lower_decode_step`: weights by the rule table, cache and per-sequence
-    inputs by batch over `data`, the sampling key and stop ids replicated."""
-    specs = weight_specs(model, mesh)
+    """`place` for `generate.lower_decode_step`: weights, cache and per-sequence inputs by the
+    logical-axis table; the sampling key and stop ids replicated."""
+    weights = weight_shardings(model, mesh)
 
     def place(args):
         state, cache, tokens, done, key, stop = args
         leaves, treedef = jax.tree.flatten(state)
-        if len(leaves) != len(specs):
-            raise AssertionError(f"{len(leaves)} state leaves, {len(specs)} weight specs")
-        named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
-        batch = named(PartitionSpec("data"))
-        return (jax.tree.unflatten(treedef, [named(s) for s in specs]),
-                jax.tree.map(named, cache_specs(cache), is_leaf=lambda x: isinstance(x, PartitionSpec)),
-                batch, batch, named(PartitionSpec()), named(PartitionSpec()))
+        if len(leaves) != len(weights):
+            raise AssertionError(f"{len(leaves)} state leaves, {len(weights)} weight shardings")
+        whole = rules.replicated(mesh)
+        return (jax.tree.unflatten(treedef, weights), rules.cache_sharding(mesh, cache),
+                rules.batch_sharding(mesh, tokens.shape), rules.batch_sharding(mesh, done.shape), whole, whole)
 
     return place
 
@@ -334,7 +354,7 @@ def compile_decode(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: d
     from mla_jax import generate
 
     _ptxas_on_path()
-    mesh = make_mesh(axes, topology_devices(cluster))
+    mesh = device_mesh(axes, topology_devices(cluster))
     model = _abstract_model(config, fmt.dtype_name, fmt.quantization)
     lowered = generate.lower_decode_step(model, batch, context, page_size=page_size, cache_dtype=cache_dtype,
                                          implementation=implementation, place=decode_placement(model, mesh))
@@ -424,15 +444,6 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
 
 
 # ------------------------------------------------------------------------ the train step
-def _param_spec(config: Config, name: str, shape, mesh, rules) -> PartitionSpec:
-    """Spec of a trainer parameter named by its dotted model path ("stacks.1.mlp.experts.up_proj")."""
-    keys = tuple(int(k) if k.isdigit() else k for k in name.split("."))
-    stacked = keys[0] == "stacks"
-    rule_name = ".".join(map(str, checkpoint_paths(config, keys)[0][0]))
-    spec = partition_spec(rule_name, tuple(shape[1:] if stacked else shape), mesh, rules)
-    return PartitionSpec(None, *spec) if stacked else spec
-
-
 def abstract_train(config: Config, fmt: WeightsFormat, *, batch: int, seq_len: int, remat: str = "none"):
     """(trainer, abstract state, abstract batch [1,B,T]) of full fine-tuning: float32 masters of
     every parameter, AdamW's moments, the routers' biases; weights computed in `fmt`."""
@@ -454,32 +465,33 @@ def abstract_train(config: Config, fmt: WeightsFormat, *, batch: int, seq_len: i
     return trainer, state, data
 
 
-def train_specs(config: Config, state: dict, data: dict, mesh) -> tuple[dict, dict]:
-    """Specs of the train state (masters and their moments by the rule table) and the batch (B over data)."""
-    rules = default_rules("model")
-    params = {n: _param_spec(config, n, v.shape, mesh, rules) for n, v in state["params"].items()}
+def train_shardings(state: dict, data: dict, mesh) -> tuple[dict, dict]:
+    """Shardings of the train state (masters, their moments, biases by the table) and of the batch
+    [A,B,T] (rows B split like any batch)."""
+    params = {n: rules.param_sharding(mesh, n, tuple(v.shape)) for n, v in state["params"].items()}
+    whole = rules.replicated(mesh)
 
     def like_param(path, leaf):
         for k in reversed(path):  # optax keeps per-parameter trees keyed by the parameters' names
             name = getattr(k, "key", None)
             if name in params and tuple(state["params"][name].shape) == tuple(leaf.shape):
                 return params[name]
-        return PartitionSpec()
+        return whole
 
-    specs = {"params": params,
-             "bias": {n: PartitionSpec() for n in state["bias"]},
-             "opt": jax.tree_util.tree_map_with_path(like_param, state["opt"]),
-             "rng": PartitionSpec(), "step": PartitionSpec()}
-    return specs, {k: PartitionSpec(None, "data") for k in data}
+    shardings = {"params": params,
+                 "bias": {n: rules.param_sharding(mesh, n, tuple(v.shape)) for n, v in state["bias"].items()},
+                 "opt": jax.tree_util.tree_map_with_path(like_param, state["opt"]),
+                 "rng": whole, "step": whole}
+    rows = {k: NamedSharding(mesh, rules.spec(mesh, (None, "batch", None), tuple(v.shape))) for k, v in data.items()}
+    return shardings, rows
 
 
 def count_train(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict[str, int], *, batch: int,
                 seq_len: int, name: str = "", remat: str = "none") -> Plan:
-    mesh = AbstractMesh(tuple(axes[a] for a in MESH_AXES), MESH_AXES)
+    mesh = abstract_mesh(axes)
     _, state, data = abstract_train(config, fmt, batch=batch, seq_len=seq_len, remat=remat)
-    specs, _ = train_specs(config, state, data, mesh)
-    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    part = lambda key: layout_bytes(jax.tree.leaves(state[key]), jax.tree.leaves(specs[key], is_leaf=is_spec), mesh)  # noqa: E731
+    shardings, _ = train_shardings(state, data, mesh)
+    part = lambda key: layout_bytes(jax.tree.leaves(state[key]), jax.tree.leaves(shardings[key]))  # noqa: E731
     weights = part("params") + part("bias")
     optimizer = part("opt") + part("rng") + part("step")
     return Plan(name, cluster, fmt.name, axes, False, batch, 0, seq_len, cluster.memory_bytes, weights, 0, optimizer)
@@ -488,16 +500,12 @@ def count_train(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict
 def compile_train(config: Config, cluster: Cluster, fmt: WeightsFormat, axes: dict[str, int], *, batch: int,
                   seq_len: int, remat: str = "none"):
     _ptxas_on_path()
-    mesh = make_mesh(axes, topology_devices(cluster))
+    mesh = device_mesh(axes, topology_devices(cluster))
     trainer, state, data = abstract_train(config, fmt, batch=batch, seq_len=seq_len, remat=remat)
-    specs, data_specs = train_specs(config, state, data, mesh)
-    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    place = lambda tree, sp: jax.tree.map(  # noqa: E731
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)), tree, sp)
-    specs_tree = jax.tree.map(lambda s: s, specs, is_leaf=is_spec)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
-                         state, specs_tree, is_leaf=lambda x: is_spec(x))
-    return trainer.lower_step(state, place(data, data_specs)).compile()
+    shardings, rows = train_shardings(state, data, mesh)
+    place = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    return trainer.lower_step(place(state, shardings), place(data, rows)).compile()
 
 
 # ------------------------------------------------------------------------ the API
@@ -530,7 +538,7 @@ def plan(model: str, gpus: str, *, weights: str = "bf16", batch: int = 32, conte
     if mesh is None:
         axes, proposed = propose_mesh(config, cluster, fmt, **counts), True
     else:
-        axes, proposed = parse_mesh(mesh), False
+        axes, proposed = parse_mesh(mesh, cluster), False
         check_mesh(axes, cluster, batch)
     result = count_plan(config, cluster, fmt, axes, name=name, **counts)
     result.mesh_proposed = proposed
@@ -562,7 +570,7 @@ def format_plan(p: Plan) -> str:
     c = p.cluster
     lines = [f"{p.config_name}: {p.weights_format} weights on {c} ({c.devices} x {c.gpu.upper()}, "
              f"{p.device_memory / GIB:.1f} GiB each)",
-             f"mesh {format_mesh(p.mesh)}" + ("  (proposed: the fewest bytes per device; --mesh to choose)"
+             f"mesh {format_mesh(p.mesh)}" + ("  (proposed: the least communication that fits, else the fewest bytes; --mesh to choose)"
                                                 if p.mesh_proposed else "")]
     lines += _section(f"decode step, batch {p.batch} x {p.context:,}-token context", p)
     if p.train is not None:
