@@ -59,6 +59,8 @@ PARAMS: tuple[tuple[str, tuple], ...] = (
     (r"^mlp\.(shared_experts\.)?(gate_proj|up_proj)\.bias$", ("mlp_hidden",)),
     (r"^mlp\.experts\.(gate_proj|up_proj)$", ("experts", "embed", "expert_hidden")),  # [E, D, F]
     (r"^mlp\.experts\.down_proj$", ("experts", "expert_hidden", "embed")),  # [E, F, D]
+    # block scales of quantized experts [E, nI, nO] (mla_jax.quant) stay with their experts
+    (r"^mlp\.experts\.(gate_proj|up_proj|down_proj)_scale_inv$", ("experts", None, None)),
     (r"^mlp\.gate$", ("embed", None)),  # router [D, E]: every device routes every token it holds
 )
 _LAYER_PREFIX = re.compile(r"^(stacks|layers)\.\d+\.")
