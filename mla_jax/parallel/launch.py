@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from mla_jax.errors import UsageError
 
@@ -34,15 +35,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def distributed_settings(args) -> dict | None:
     """{coordinator_address, num_processes, process_id} from the flags or the environment, or None."""
+    return settings(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                    getattr(args, "process_id", None))
+
+
+def settings(coordinator=None, num_processes=None, process_id=None) -> dict | None:
+    """{coordinator_address, num_processes, process_id}: each argument, else its MLA_JAX_* variable;
+    None when neither names a job (a single-process run)."""
     values = {}
-    for name, env in ENV.items():
-        value = getattr(args, name, None)
-        if value is None and os.environ.get(env):
-            value = os.environ[env]
+    for name, value in (("coordinator", coordinator), ("num_processes", num_processes), ("process_id", process_id)):
+        if value is None and os.environ.get(ENV[name]):
+            value = os.environ[ENV[name]]
         values[name] = value
     if all(v is None for v in values.values()):
         return None
-    missing = [f"--{k.replace('_', '-')}" for k, v in values.items() if v is None]
+    missing = [f"--{k.replace('_', '-')} (${ENV[k]})" for k, v in values.items() if v is None]
     if missing:
         raise UsageError(f"multi-host start-up needs --coordinator, --num-processes and --process-id; missing {missing}")
     try:
@@ -52,18 +59,46 @@ def distributed_settings(args) -> dict | None:
                          f"{values['process_id']!r}") from None
     if n < 1 or not 0 <= i < n:
         raise UsageError(f"--process-id {i} with --num-processes {n}: expected 0 <= id < count")
-    return {"coordinator_address": values["coordinator"], "num_processes": n, "process_id": i}
+    if not re.fullmatch(r"\S+:\d+", str(values["coordinator"])):
+        raise UsageError(f"--coordinator {values['coordinator']!r}: expected HOST:PORT (process 0's address), "
+                         "e.g. 10.0.0.1:1234")
+    return {"coordinator_address": str(values["coordinator"]), "num_processes": n, "process_id": i}
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Joins this process to a multi-host job (`jax.distributed.initialize`) when the arguments or
+    MLA_JAX_COORDINATOR / MLA_JAX_NUM_PROCESSES / MLA_JAX_PROCESS_ID name one; returns whether it did.
+
+    Call it first, before anything touches a device. The one place the package joins a job, so a
+    CPU job works too: the CPU backend exchanges data between processes only through a collectives
+    implementation, gloo (TCP) unless $JAX_CPU_COLLECTIVES_IMPLEMENTATION chose another ("mpi").
+    jax 0.10 defaults to gloo; older versions had none, and their cross-process collectives fail.
+    """
+    import jax
+
+    job = settings(coordinator, num_processes, process_id)
+    if job is None:
+        return False
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**job)
+    return True
+
+
+def is_main_process() -> bool:
+    """Whether this process speaks for the job (prints, writes shared files): process 0, or the only one."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def start(args):
     """Joins the multi-host job when asked, then the mesh `--mesh` names (None without one)."""
-    import jax
-
     from mla_jax.parallel.mesh import make_mesh
 
-    settings = distributed_settings(args)
-    if settings is not None:
-        jax.distributed.initialize(**settings)
+    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+               getattr(args, "process_id", None))
     if args.mesh is None:
         return None
     try:
