@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 from typing import Iterator
@@ -45,11 +44,7 @@ MARKER_FORMAT = "mla-jax-hf-export"
 
 def is_export(path: str) -> bool:
     """A directory written by `export` (it holds our marker file)."""
-    try:
-        with open(os.path.join(path, MARKER_FILE)) as f:
-            return json.load(f).get("format") == MARKER_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return store.json_field_is(path, MARKER_FILE, "format", MARKER_FORMAT)
 
 
 EXPORT = store.Kind(f"a Hugging Face export written by mla-jax (no {MARKER_FILE})", is_export)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
 import re
@@ -41,6 +42,16 @@ class Kind:
 
     describe: str
     test: Callable[[str], bool]
+
+
+def json_field_is(path: str, filename: str, field: str, value) -> bool:
+    """Whether `path/filename` is a JSON object whose `field` equals `value`: how a writer recognises
+    its own earlier output (`Kind.test`). Unreadable, missing or malformed files are simply False."""
+    try:
+        with open(os.path.join(path, filename)) as f:
+            return json.load(f).get(field) == value
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def user_path(path: str | os.PathLike) -> str:

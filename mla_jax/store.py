@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -40,8 +42,8 @@ import numpy as np
 
 from mla_jax import checksums
 from mla_jax.staging import (  # noqa: F401  (re-exported: the checkpoint code's one error type and rules)
-    CheckpointError, DeferredSignals, Kind, Staging, check_destination, check_separate, quiet_orbax_errors,
-    user_path, write_errors,
+    CheckpointError, DeferredSignals, Kind, Staging, check_destination, check_separate, json_field_is,
+    quiet_orbax_errors, user_path, write_errors,
 )
 
 FORMAT = "mla-jax-orbax"
@@ -56,6 +58,9 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 DEFAULT_PART_BYTES = 128 << 20
+# Storage chunk bound: a reader gets whole chunks, so a device restoring its shard of a bigger array
+# reads the chunks its shard overlaps, not the array (`chunk_shape`).
+DEFAULT_CHUNK_BYTES = 16 << 20
 
 Path = tuple  # ("layers", 0, "self_attn", "q_b_proj", "kernel"); ("mtp", "<hub name>") for extras
 
@@ -83,14 +88,57 @@ def _leaves(tree: Mapping, paths: Iterable[Path]) -> Iterator[tuple[Path, Any]]:
         yield path, node
 
 
+# ---------------------------------------------------------------------------------------- chunks
+def chunk_shape(path: Path, shape: tuple[int, ...], itemsize: int, max_bytes: int) -> tuple[int, ...]:
+    """How a variable is cut into storage chunks of at most `max_bytes` (when its dimensions allow).
+
+    tensorstore reads whole chunks, so a restore onto a mesh reads, per device, every chunk its
+    shard overlaps. The chunks are therefore cut along the dimensions some preset of the
+    logical-axis table splits (`mla_jax.parallel.rules`: experts, embed, heads, hidden, vocab),
+    halving each in turn: with power-of-two meshes a shard then covers whole chunks whichever
+    preset loaded it, so each device reads about its share. Arrays within the bound stay one chunk
+    (the small ones: norms, biases, a tiny model). Names the table does not know (MTP extras) are
+    halved along their largest dimensions.
+    """
+    from mla_jax.parallel.rules import PRESETS, param_axes
+
+    split_somewhere = {axis for axes in PRESETS.values() for axis in axes}
+    chunk = [max(1, int(d)) for d in shape]
+    logical = param_axes(path_name(path), len(chunk)) if path and path[0] != "mtp" else (None,) * len(chunk)
+    preferred = [d for d, axis in enumerate(logical) if axis in split_somewhere]
+    turn = 0
+    while math.prod(chunk) * itemsize > max_bytes:
+        even = [d for d in preferred if chunk[d] % 2 == 0]
+        if even:
+            d = even[turn % len(even)]
+            turn += 1
+        else:
+            rest = [d for d in range(len(chunk)) if chunk[d] % 2 == 0]
+            if not rest:
+                break  # odd sizes everywhere: the array stays in bigger chunks
+            d = max(rest, key=lambda i: chunk[i])
+        chunk[d] //= 2
+    return tuple(chunk)
+
+
+class _Chunked(np.ndarray):
+    """A host array (a view, no copy) carrying the chunk shape it is to be stored with."""
+
+    chunks: tuple[int, ...] | None = None
+
+
+def _with_chunks(array: np.ndarray, chunks: tuple[int, ...]) -> np.ndarray:
+    if tuple(chunks) == tuple(array.shape):
+        return array
+    view = array.view(_Chunked)
+    view.chunks = tuple(chunks)
+    return view
+
+
 # ---------------------------------------------------------------------------------------- writing
 def is_checkpoint(path: str) -> bool:
     """A directory whose mla_jax.json says it is our layout: what `overwrite` may replace."""
-    try:
-        with open(os.path.join(path, LAYOUT_FILE)) as f:
-            return json.load(f).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return json_field_is(path, LAYOUT_FILE, "format", FORMAT)
 
 
 CHECKPOINT = Kind(f"an mla-jax checkpoint (no {LAYOUT_FILE} of format {FORMAT!r})", is_checkpoint)
@@ -105,10 +153,11 @@ class Writer:
     """
 
     def __init__(self, dst: str | os.PathLike, *, overwrite: bool = False, part_bytes: int = DEFAULT_PART_BYTES,
-                 sources=()):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, sources=()):
         self.stage = Staging(dst, overwrite=overwrite, kind=CHECKPOINT, sources=sources)
         self.dst = self.stage.dst
         self.part_bytes = part_bytes
+        self.chunk_bytes = chunk_bytes
         self._quiet = contextlib.ExitStack()
         try:
             with write_errors(self.dst):
@@ -141,13 +190,20 @@ class Writer:
         """Queue one whole variable (numpy or jax array); a full part goes to disk first.
 
         The array is written in the background without a defensive copy: never modify it afterwards.
+        A host array, or a device array this process holds whole, is stored in `chunk_shape`
+        chunks; an array split over several processes is written by each process for its own
+        shards (orbax), in chunks that cut its shards down to `chunk_bytes`.
         """
         self.stage.check()
         path = tuple(path)
         if path in self._seen:
             raise CheckpointError(f"variable {path_name(path)} written twice")
         self._seen.add(path)
-        nbytes = int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
+        itemsize = np.dtype(array.dtype).itemsize
+        if not isinstance(array, jax.Array) or array.is_fully_addressable:
+            array = np.asarray(array)  # a device array: copied to the host now, as orbax would
+            array = _with_chunks(array, chunk_shape(path, array.shape, itemsize, self.chunk_bytes))
+        nbytes = int(np.prod(array.shape)) * itemsize
         if self._pending and self._pending_bytes + nbytes > self.part_bytes:
             self.flush()  # so a part never exceeds max(part_bytes, one variable)
         self._pending[path] = array
@@ -167,8 +223,11 @@ class Writer:
         # previous save before starting a new one, so at most two parts are alive.
         import orbax.checkpoint as ocp
 
+        save_args = _nest({p: ocp.SaveArgs(chunk_byte_size=self.chunk_bytes if isinstance(a, jax.Array) else None)
+                           for p, a in self._pending.items()})
         with write_errors(self.dst):
-            self._checkpointer.save(os.path.join(self.stage.tmp, STATE_DIR, name), args=ocp.args.PyTreeSave(_nest(self._pending)))
+            self._checkpointer.save(os.path.join(self.stage.tmp, STATE_DIR, name),
+                                    args=ocp.args.PyTreeSave(_nest(self._pending), save_args=save_args))
         self._checksum_finished_part()  # the previous one: save() returns only once it is complete
         self._unhashed = name
         self._items.append({"dir": name, "variables": variables})
@@ -231,11 +290,39 @@ def _saver():
     from orbax.checkpoint import type_handlers
 
     registry = type_handlers.create_type_handler_registry(
-        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, _chunked_handler_class()(deepcopy_host_arrays=False)),
         (jax.Array, type_handlers.get_type_handler(jax.Array)),
     )
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
     return ocp.AsyncCheckpointer(handler)
+
+
+@functools.cache
+def _chunked_handler_class():
+    from orbax.checkpoint import type_handlers
+
+    class ChunkedNumpyHandler(type_handlers.NumpyHandler):
+        """orbax's numpy handler, storing a `_Chunked` array in its own chunk shape.
+
+        orbax (0.12) offers only a byte bound whose greedy split ignores how the array will be
+        sharded, so the zarr chunk grid of the write spec is set here, just before tensorstore
+        creates the array; reading needs nothing special (the grid is in the array's metadata).
+        """
+
+        async def _open_and_write(self, value, tspec, ts_context):
+            chunks = getattr(value, "chunks", None)
+            if chunks is not None:
+                spec = tspec
+                while "metadata" not in spec and isinstance(spec.get("base"), dict):
+                    spec = spec["base"]  # a dtype cast wraps the array's spec
+                metadata = spec.get("metadata", {})
+                if "chunks" not in metadata:
+                    raise CheckpointError(f"orbax wrote a storage layout mla-jax does not know ({sorted(metadata)}); "
+                                          "cannot set the chunk shape")
+                metadata["chunks"] = list(chunks)
+            await super()._open_and_write(value, tspec, ts_context)
+
+    return ChunkedNumpyHandler
 
 
 def copy_tokenizer(src: str | os.PathLike, dst_dir: str) -> list[str]:

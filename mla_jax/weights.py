@@ -202,12 +202,14 @@ def _check_matches(path: str, shapes: dict, stored: dict) -> None:
 
 
 def save(model: Transformer, path: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None,
-         overwrite: bool = False) -> str:
+         overwrite: bool = False, chunk_bytes: int = store.DEFAULT_CHUNK_BYTES) -> str:
     """Writes `model` as an mla-jax checkpoint at `path` (atomic; the layout `mla-jax convert` writes).
 
     Sharded weights are written shard by shard from their devices. `tokenizer_from` is a directory
     whose tokenizer files are copied along. `overwrite` replaces only an existing mla-jax
-    checkpoint. Every file's checksum is recorded for `load` to verify. Returns the absolute path.
+    checkpoint. Every file's checksum is recorded for `load` to verify. Weights bigger than
+    `chunk_bytes` are stored in chunks a sharded `load` reads separately (`store.chunk_shape`).
+    Returns the absolute path.
     """
     from mla_jax.quant.apply import requantized, scheme_of
 
@@ -224,7 +226,7 @@ def save(model: Transformer, path: str | os.PathLike, *, tokenizer_from: str | o
         extra[QUANTIZATION_KEY] = scheme.to_json()
         if scheme.to_hf() is not None:
             hf["quantization_config"] = scheme.to_hf()
-    with store.Writer(path, overwrite=overwrite) as writer:
+    with store.Writer(path, overwrite=overwrite, chunk_bytes=chunk_bytes) as writer:
         for p, (m, i) in checkpoint_slots(model).items():
             value = Slot(variables[m], i).get_value() if m not in replaced else \
                 replaced[m] if i is None else replaced[m][i]
