@@ -166,6 +166,12 @@ def _remove(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ staging
+def temporary_path(dst: str, pid: int) -> str:
+    """The hidden sibling `.NAME.tmp-PID` that process `pid` fills before renaming it onto `dst`."""
+    parent, name = os.path.split(dst)
+    return os.path.join(parent, f".{name}.tmp-{pid}")
+
+
 class Staging:
     """A hidden sibling `.NAME.tmp-PID` of `dst` to fill, then `publish()` onto `dst` in one rename.
 
@@ -176,8 +182,8 @@ class Staging:
     def __init__(self, dst: str | os.PathLike, *, overwrite: bool = False, kind: Kind, sources=()):
         self.dst = check_destination(dst, overwrite, kind=kind, sources=sources)
         self.overwrite, self.kind = overwrite, kind
-        parent, name = os.path.split(self.dst)
-        self.tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+        parent = os.path.dirname(self.dst)
+        self.tmp = temporary_path(self.dst, os.getpid())
         self._signals = DeferredSignals()
         try:
             with write_errors(self.dst):

@@ -43,7 +43,7 @@ import numpy as np
 from mla_jax import checksums
 from mla_jax.staging import (  # noqa: F401  (re-exported: the checkpoint code's one error type and rules)
     CheckpointError, DeferredSignals, Kind, Staging, check_destination, check_separate, json_field_is,
-    quiet_orbax_errors, user_path, write_errors,
+    quiet_orbax_errors, temporary_path, user_path, write_errors,
 )
 
 FORMAT = "mla-jax-orbax"
@@ -104,7 +104,10 @@ def chunk_shape(path: Path, shape: tuple[int, ...], itemsize: int, max_bytes: in
 
     split_somewhere = {axis for axes in PRESETS.values() for axis in axes}
     chunk = [max(1, int(d)) for d in shape]
-    logical = param_axes(path_name(path), len(chunk)) if path and path[0] != "mtp" else (None,) * len(chunk)
+    try:
+        logical = param_axes(path_name(path), len(chunk)) if path and path[0] != "mtp" else (None,) * len(chunk)
+    except ValueError:  # stored in another rank than the model holds it (quantized forms): no table entry
+        logical = (None,) * len(chunk)
     preferred = [d for d, axis in enumerate(logical) if axis in split_somewhere]
     turn = 0
     while math.prod(chunk) * itemsize > max_bytes:
@@ -150,23 +153,48 @@ class Writer:
     Use as a context manager: leaving the block by an exception (KeyboardInterrupt included) waits
     for the writes in flight and removes the partial directory. `sources` are directories the
     destination must keep clear of (see `mla_jax.staging`).
+
+    In a job of several processes (`jax.distributed`) every process makes the same Writer and adds
+    the same variables: each writes the shards of the arrays it holds, through orbax, into the
+    directory process 0 staged. Only process 0 checks the destination, records checksums, writes
+    mla_jax.json / config.json / the tokenizer and publishes; the others never touch the staging
+    directory's name, and `commit` returns in every process once the checkpoint is in place. The
+    directory must be the same one for every process (a shared file system, as orbax requires).
     """
 
     def __init__(self, dst: str | os.PathLike, *, overwrite: bool = False, part_bytes: int = DEFAULT_PART_BYTES,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, sources=()):
-        self.stage = Staging(dst, overwrite=overwrite, kind=CHECKPOINT, sources=sources)
-        self.dst = self.stage.dst
         self.part_bytes = part_bytes
         self.chunk_bytes = chunk_bytes
+        self._lead = jax.process_index() == 0
+        self._jobwide = jax.process_count() > 1
+        self.stage: Staging | None = None
+        failed: BaseException | None = None
+        if self._lead:
+            try:
+                self.stage = Staging(dst, overwrite=overwrite, kind=CHECKPOINT, sources=sources)
+                with write_errors(self.stage.dst):
+                    os.makedirs(os.path.join(self.stage.tmp, STATE_DIR))
+            except BaseException as e:
+                failed = e
+                if self.stage is not None:
+                    self.stage.discard()
+        # every process learns where process 0 stages (its pid names the directory), or that it failed
+        pid = _from_lead(os.getpid() if failed is None else -1) if self._jobwide else os.getpid()
+        if failed is not None:
+            raise failed
+        if pid < 0:
+            raise CheckpointError(f"{user_path(dst)}: process 0 could not start writing the checkpoint (its error says why)")
+        self.dst = user_path(dst) if self.stage is None else self.stage.dst
+        self.tmp = temporary_path(self.dst, pid)
         self._quiet = contextlib.ExitStack()
         try:
-            with write_errors(self.dst):
-                os.makedirs(os.path.join(self.stage.tmp, STATE_DIR))
             self._quiet.enter_context(quiet_orbax_errors())
             self._checkpointer = _saver()
         except BaseException:
             self._quiet.close()
-            self.stage.discard()
+            if self.stage is not None:
+                self.stage.discard()
             raise
         # Each finished part is checksummed on this thread while the next one is read and written.
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mla-jax-checksum")
@@ -177,6 +205,10 @@ class Writer:
         self._items: list[dict] = []
         self._seen: set[Path] = set()
         self._committed = False
+
+    def _check(self) -> None:
+        if self.stage is not None:
+            self.stage.check()
 
     def __enter__(self) -> "Writer":
         return self
@@ -194,7 +226,7 @@ class Writer:
         chunks; an array split over several processes is written by each process for its own
         shards (orbax), in chunks that cut its shards down to `chunk_bytes`.
         """
-        self.stage.check()
+        self._check()
         path = tuple(path)
         if path in self._seen:
             raise CheckpointError(f"variable {path_name(path)} written twice")
@@ -212,7 +244,7 @@ class Writer:
             self.flush()  # now, so the caller can drop its reference before building the next
 
     def flush(self) -> None:
-        self.stage.check()
+        self._check()
         if not self._pending:
             return
         name = f"part_{len(self._items):05d}"
@@ -226,7 +258,7 @@ class Writer:
         save_args = _nest({p: ocp.SaveArgs(chunk_byte_size=self.chunk_bytes if isinstance(a, jax.Array) else None)
                            for p, a in self._pending.items()})
         with write_errors(self.dst):
-            self._checkpointer.save(os.path.join(self.stage.tmp, STATE_DIR, name),
+            self._checkpointer.save(os.path.join(self.tmp, STATE_DIR, name),
                                     args=ocp.args.PyTreeSave(_nest(self._pending), save_args=save_args))
         self._checksum_finished_part()  # the previous one: save() returns only once it is complete
         self._unhashed = name
@@ -234,11 +266,11 @@ class Writer:
         self._pending, self._pending_bytes = {}, 0
 
     def _checksum_finished_part(self) -> None:
-        if self._unhashed is not None:
+        if self._unhashed is not None and self._lead:
             part = f"{STATE_DIR}/{self._unhashed}"
             self._sums.append(self._hasher.submit(
-                lambda tmp=self.stage.tmp: checksums.record(tmp, checksums.files_under(tmp, part))))
-            self._unhashed = None
+                lambda tmp=self.tmp: checksums.record(tmp, checksums.files_under(tmp, part))))
+        self._unhashed = None
 
     def commit(self, config_json: Mapping[str, Any], *, dtype: str, tokenizer_from: str | os.PathLike | None = None,
                extra: Mapping[str, Any] | None = None) -> str:
@@ -246,36 +278,57 @@ class Writer:
         config.json, and rename into place."""
         self.flush()
         with write_errors(self.dst):
-            self._checkpointer.wait_until_finished()
+            self._checkpointer.wait_until_finished()  # in a job: every process's shards are written
             self._checkpointer.close()
+        failed: BaseException | None = None
+        if self._lead:
+            try:
+                self._publish(config_json, dtype=dtype, tokenizer_from=tokenizer_from, extra=extra)
+            except BaseException as e:
+                failed = e
+        if self._jobwide and _from_lead(0 if failed is None else 1) and failed is None:
+            raise CheckpointError(f"{self.dst}: process 0 could not finish writing the checkpoint (its error says why)")
+        if failed is not None:
+            raise failed
+        self._committed = True
+        self._finish()
+        return self.dst
+
+    def _publish(self, config_json, *, dtype, tokenizer_from, extra) -> None:
+        with write_errors(self.dst):
             self._checksum_finished_part()
             files = {}
             for done in self._sums:
                 files.update(done.result())
-            self.stage.check()
+            self._check()
             layout = {"format": FORMAT, "version": VERSION, "dtype": dtype, "items": self._items, **(extra or {}),
                       "files": dict(sorted(files.items()))}
-            write_json(os.path.join(self.stage.tmp, LAYOUT_FILE), layout)
+            write_json(os.path.join(self.tmp, LAYOUT_FILE), layout)
             if tokenizer_from is not None:
-                copy_tokenizer(tokenizer_from, self.stage.tmp)
-            write_json(os.path.join(self.stage.tmp, CONFIG_FILE), dict(config_json))  # the completeness marker
-        dst = self.stage.publish()
-        self._committed = True
-        self._finish()
-        return dst
+                copy_tokenizer(tokenizer_from, self.tmp)
+            write_json(os.path.join(self.tmp, CONFIG_FILE), dict(config_json))  # the completeness marker
+        self.stage.publish()
 
     def abort(self, interrupted: bool = False) -> None:
-        """Waits for writes in flight, then removes the partial directory."""
+        """Waits for writes in flight, then removes the partial directory (process 0)."""
         try:
             self._checkpointer.close()
         except Exception:  # the original error matters more than a failure to close
             pass
         self._finish()
-        self.stage.discard(interrupted=interrupted)
+        if self.stage is not None:
+            self.stage.discard(interrupted=interrupted)
 
     def _finish(self) -> None:
         self._hasher.shutdown(wait=True, cancel_futures=True)
         self._quiet.close()
+
+
+def _from_lead(value: int) -> int:
+    """Process 0's `value`, in every process of the job (a collective: all must call it)."""
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _saver():

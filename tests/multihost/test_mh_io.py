@@ -1,5 +1,6 @@
 """Checkpoint I/O in a two-process jax.distributed job on localhost (tests/multihost/io_check.py):
-each process reads only its own shards of a checkpoint.
+each process reads only its own shards of a checkpoint, and `mla_jax.save` from a mesh that spans
+both processes writes each process's shards from that process.
 
 One pair of processes runs every case; the model is tiny, so the storage chunks are made tiny
 too (`chunk_bytes`) to give its weights several chunks each, as a real model's weights have.
@@ -98,3 +99,23 @@ def test_whole_chunks_make_every_process_read_everything(job):
     total = weight_bytes(job["dir"] / "unchunked")
     for process, nbytes in reads(job["results"], "unchunked").items():
         assert nbytes > 0.9 * total, (process, nbytes, total)
+
+
+def test_a_save_from_both_processes_loads_in_one(job):
+    saved = mla_jax.load(job["dir"] / "saved_by_job", "float32")
+    expected = dict(model_variables(random_model()))
+    for path, var in model_variables(saved):
+        np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(expected[path].get_value()),
+                                      err_msg=".".join(map(str, path)))
+
+
+def test_each_process_wrote_its_own_shards(job):
+    """Both processes wrote about half of the weights (orbax's per-process databases hold them), and
+    both returned only once the checkpoint was published."""
+    saves = {r["process"]: r for r in job["results"] if r["case"] == "save"}
+    assert sorted(saves) == [0, 1] and all(r["exists"] for r in saves.values())
+    total = weight_bytes(job["dir"] / "saved_by_job")
+    for process, r in saves.items():
+        assert 0.3 * total < r["written"] < 0.7 * total, (process, r["written"], total)
+    layout = store.read_layout(job["dir"] / "saved_by_job")
+    assert any("/ocdbt.process_1/" in f for f in layout["files"]), sorted(layout["files"])[:20]
