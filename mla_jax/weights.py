@@ -151,7 +151,7 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, 
     slots = checkpoint_slots(model)
     stored = store.stored_variables(layout)
     _check_matches(path, {p: Slot(variables[m], i).shape for p, (m, i) in slots.items()}, stored)
-    device = SingleDeviceSharding(jax.devices()[0])
+    device = SingleDeviceSharding(jax.local_devices()[0])  # in a job of several processes: its own
     targets, whole = {}, {}
     for p, (m, i) in slots.items():
         var = variables[m]

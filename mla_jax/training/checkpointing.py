@@ -39,7 +39,7 @@ class RunCheckpoints:
         its layout where it has one (a state on a mesh: each device reads only its shards)."""
         if step not in self.manager.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step}; saved steps are {self.steps()}")
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
             x.shape, x.dtype, sharding=x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
             else device), abstract_state)

@@ -13,7 +13,12 @@ OUT is new or empty for a fresh run, or an earlier run (it has run.json): `resum
 `overwrite` replaces it (its own files only). Anything else there is refused, never replaced.
 
 Ctrl-C stops after the step in flight and saves it; a second Ctrl-C (or SIGTERM) stops at once, and
-the run resumes from its last checkpoint. A non-finite loss stops the run and drops the checkpoints
+the run resumes from its last checkpoint.
+
+In a job of several processes (`jax.distributed`, a `mesh` spanning them) every process runs
+`finetune` with the same arguments and OUT on a shared file system: each checks OUT, all wait for
+each other, and then process 0 alone writes run.json, metrics.jsonl and loss.png, while the
+checkpoints and the final model are written by every process for the shards it holds. A non-finite loss stops the run and drops the checkpoints
 that hold the diverged state. A resumed run restores the state saved at step k, cuts metrics.jsonl
 back to steps <= k, and then computes exactly what the uninterrupted run computed: the batches are a
 function of the step, and the step function is the same compiled program over the same state.
@@ -212,8 +217,13 @@ def finetune(
     batches = Batches(packed, tc.batch_size, tc.grad_accum, seed=tc.seed, shuffle=tc.shuffle)
     run = {"train_config": tc.to_dict(), "data": os.path.abspath(os.fspath(data)),
            "data_fingerprint": packed.fingerprint(), "base": base, "model_config": c.to_hf()}
+    lead = jax.process_index() == 0
+    if jax.process_count() > 1:  # every process has checked OUT before any of them writes to it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"mla_jax.finetune: {out} checked")
     # Only once the model and the data are known to be good.
-    if overwrite and resume is False and is_run(out):
+    if overwrite and resume is False and is_run(out) and lead:
         _clear_run(out)
         log(f"replacing the run in {out}")
     os.makedirs(out, exist_ok=True)
@@ -234,12 +244,14 @@ def finetune(
                                f"expected {step * batches.rows_per_step}")
             ckpts.discard_after(step)
             records = read_metrics(metrics_path, up_to=step)
-            _rewrite_metrics(metrics_path, records)
+            if lead:
+                _rewrite_metrics(metrics_path, records)
             log(f"resuming {out} from step {step}")
         else:
             state, records = trainer.init_state(), []
-            write_json_atomic(run_path, run)
-            _rewrite_metrics(metrics_path, records)
+            if lead:
+                write_json_atomic(run_path, run)
+                _rewrite_metrics(metrics_path, records)
         start = int(jax.device_get(state["step"]))
         end = tc.steps if stop_after is None else min(tc.steps, stop_after)
         if start >= end and start < tc.steps:
@@ -259,7 +271,7 @@ def finetune(
             if save_model:
                 summary["model"] = model_io.save_result(trainer.model(state), os.path.join(out, MODEL_DIR), tokenizer_from)
                 log(f"fine-tuned model: {summary['model']}")
-            summary["plot"] = plot_metrics(records, os.path.join(out, PLOT_FILE))
+            summary["plot"] = plot_metrics(records, os.path.join(out, PLOT_FILE)) if lead else None
             if summary["plot"]:
                 log(f"loss curve: {summary['plot']}")
         return summary
@@ -318,7 +330,8 @@ def _train(trainer, state, batches, records, metrics_path, ckpts, start, end, pr
     fingerprint = batches.packed.fingerprint()
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     done = start
-    with _StopRequest(log) as stop, open(metrics_path, "a") as f:
+    # one writer of the metrics in a job of several processes: process 0
+    with _StopRequest(log) as stop, open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as f:
         for s in range(start, end):
             t0 = time.perf_counter()
             state, m = trainer.train_step(state, batches.batch(s))

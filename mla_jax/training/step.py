@@ -271,7 +271,13 @@ class Trainer:
         return out
 
     def abstract_state(self) -> dict:
-        return jax.eval_shape(self.init_state)
+        """A state's shapes and dtypes, and on a mesh where each leaf lives (concrete shardings, not
+        the abstract mesh `eval_shape` records: a restore reads each device's shards into place)."""
+        shapes = jax.eval_shape(self.init_state)
+        if self.mesh is None:
+            return shapes
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                            self.state_shardings(shapes))
 
     def lower_step(self, state: dict, batch: dict) -> jax.stages.Lowered:
         """The step lowered for abstract `state` and `batch` (ShapeDtypeStructs, shardings included):

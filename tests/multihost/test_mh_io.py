@@ -1,6 +1,7 @@
 """Checkpoint I/O in a two-process jax.distributed job on localhost (tests/multihost/io_check.py):
-each process reads only its own shards of a checkpoint, and `mla_jax.save` from a mesh that spans
-both processes writes each process's shards from that process.
+each process reads only its own shards of a checkpoint; `mla_jax.save` from a mesh that spans both
+processes writes each process's shards from that process; run checkpoints of a sharded state save
+and restore in both; a fine-tuning run on that mesh stops and resumes (slow).
 
 One pair of processes runs every case; the model is tiny, so the storage chunks are made tiny
 too (`chunk_bytes`) to give its weights several chunks each, as a real model's weights have.
@@ -12,11 +13,14 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import mla_jax
 from mla_jax import Config, store
+from mla_jax.training.checkpointing import RunCheckpoints
+from mla_jax.training.config import TrainConfig
 from mla_jax.weights import abstract_model, model_variables
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,6 +32,8 @@ CONFIG = Config.preset("deepseek-v3").replace(
     v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
     first_k_dense_replace=1, max_position_embeddings=128)
 CHUNK_BYTES = 4 << 10
+FINETUNE = TrainConfig(steps=2, seq_len=16, batch_size=4, lr=1e-2, warmup_steps=0, param_dtype="float32",
+                       save_every=1, keep=2, log_every=100)
 
 
 def random_model(seed: int = 0):
@@ -45,7 +51,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pair(script: str, *args: str, timeout: int = 240) -> list[dict]:
+def run_pair(script: str, *args: str, timeout: int = 600) -> list[dict]:
     """Runs `script PROCESS_ID PORT *args` as processes 0 and 1 of one job; their RESULT lines."""
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
@@ -67,14 +73,22 @@ def run_pair(script: str, *args: str, timeout: int = 240) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """The two processes' results, after the test saved one model twice: in small chunks and whole."""
+def workdir(tmp_path_factory):
+    """One model saved twice, in small chunks and whole, and a little pre-tokenized data."""
     work = tmp_path_factory.mktemp("mh_io")
     model = random_model()
     mla_jax.save(model, work / "chunked", chunk_bytes=CHUNK_BYTES)
     mla_jax.save(model, work / "unchunked", chunk_bytes=1 << 40)
-    results = run_pair("io_check.py", str(work))
-    return {"dir": work, "results": results}
+    rng = np.random.default_rng(0)
+    (work / "data.jsonl").write_text("".join(json.dumps({"input_ids": rng.integers(2, 256, size=int(n)).tolist()}) + "\n"
+                                             for n in rng.integers(5, 40, size=12)))
+    return work
+
+
+@pytest.fixture(scope="module")
+def job(workdir):
+    """The two processes' results for the "io" group of io_check.py."""
+    return {"dir": workdir, "results": run_pair("io_check.py", str(workdir), "io")}
 
 
 def weight_bytes(path) -> int:
@@ -119,3 +133,44 @@ def test_each_process_wrote_its_own_shards(job):
         assert 0.3 * total < r["written"] < 0.7 * total, (process, r["written"], total)
     layout = store.read_layout(job["dir"] / "saved_by_job")
     assert any("/ocdbt.process_1/" in f for f in layout["files"]), sorted(layout["files"])[:20]
+
+
+def test_run_checkpoint_of_a_sharded_state_restores_in_both_processes(job):
+    runs = {r["process"]: r for r in job["results"] if r["case"] == "run_checkpoint"}
+    assert sorted(runs) == [0, 1]
+    assert all(r["same"] and r["meta"] == {"data_position": 12} for r in runs.values())
+
+
+def test_run_checkpoint_restores_in_one_process_and_each_process_read_its_half(job):
+    ckpts = RunCheckpoints(job["dir"] / "run_checkpoints", keep=2)
+    expected = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in model_variables(random_model())}
+    target = {"params": {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in expected.items()},
+              "step": jax.ShapeDtypeStruct((), np.int32)}
+    state, _ = ckpts.restore(3, target)
+    ckpts.close()
+    assert int(state["step"]) == 3
+    for name, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(state["params"][name]), value, err_msg=name)
+    step_bytes = sum(f.stat().st_size for f in (job["dir"] / "run_checkpoints" / "3").rglob("*") if f.is_file())
+    for r in job["results"]:
+        if r["case"] == "run_checkpoint":
+            assert r["read"] < 0.7 * step_bytes, (r["process"], r["read"], step_bytes)
+
+
+@pytest.mark.slow
+def test_finetune_on_a_two_process_mesh_stops_and_resumes_as_one_process_runs(workdir, tmp_path):
+    """Stopped after step 1 and resumed from its checkpoint, the run on the mesh of both processes
+    ends where the uninterrupted single-process run ends."""
+    from mla_jax.training.loop import finetune
+
+    results = run_pair("io_check.py", str(workdir), "finetune")
+    whole = finetune(workdir / "chunked", workdir / "data.jsonl", tmp_path / "whole", FINETUNE, progress=False,
+                     log=lambda *_: None)
+    runs = {r["process"]: r for r in results if r["case"] == "finetune"}
+    assert sorted(runs) == [0, 1] and all((r["stopped"], r["done"]) == (1, 2) for r in runs.values())
+    np.testing.assert_allclose([r["loss"] for r in whole["records"]], runs[0]["losses"], rtol=1e-5)
+    on_mesh, alone = mla_jax.load(runs[0]["model"], "float32"), mla_jax.load(whole["model"], "float32")
+    expected = dict(model_variables(alone))
+    for path, var in model_variables(on_mesh):
+        a, b = np.asarray(var.get_value()), np.asarray(expected[path].get_value())
+        assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(b), 1e-30), path
