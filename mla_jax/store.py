@@ -463,17 +463,22 @@ def restore(path: str | os.PathLike, layout: Mapping, targets: Mapping[Path, jax
     """Yields (path, array) for the variables in `targets`, part by part, nothing else held.
 
     A target with a sharding comes back as a jax.Array laid out on its devices (each device reads
-    only its shard); one without comes back as a numpy array. Dtypes are cast by orbax on reading.
-    With `verify` (and checksums recorded), each part's files are checked before orbax reads them;
-    the check of the next part runs while this one is restored, and leaves it in the page cache.
+    the chunks its shard overlaps: `chunk_shape`); one without comes back as a numpy array. Dtypes
+    are cast by orbax on reading. With `verify` (and checksums recorded), each part's files are
+    checked before orbax reads them; the check of the next part runs while this one is restored,
+    and leaves it in the page cache. In a job of several processes the files are verified once
+    for the job, shared out among the processes (`_verify_shared`), before any is restored.
     """
     import orbax.checkpoint as ocp
 
     # orbax refuses relative paths ("Checkpoint path should be absolute")
     path = user_path(path)
     items = [item for item in layout["items"] if any(tuple(v["path"]) in targets for v in item["variables"])]
-    check = checksums.verify if verify else checksums.check_present
     files = layout.get("files", {})
+    if verify and jax.process_count() > 1:
+        _verify_shared(path, files, [rel for item in items for rel in _part_files(layout, item)])
+        verify = False
+    check = checksums.verify if verify else checksums.check_present
     checkpointer = ocp.StandardCheckpointer()
     checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mla-jax-verify")
     checks = [checker.submit(check, path, files, _part_files(layout, item)) for item in items[:1]]
@@ -495,6 +500,38 @@ def restore(path: str | os.PathLike, layout: Mapping, targets: Mapping[Path, jax
     finally:
         checker.shutdown(wait=True, cancel_futures=True)
         checkpointer.close()
+
+
+def _verify_shared(path: str, files: Mapping[str, Mapping], relpaths: list[str]) -> None:
+    """Verifies `relpaths` once for the whole job: each process checks its share (by bytes), so no
+    process reads the whole checkpoint to verify it; then every process raises if any found damage.
+
+    A collective: every process of the job must call it with the same files.
+    """
+    from jax.experimental import multihost_utils
+
+    n, me = jax.process_count(), jax.process_index()
+    order = sorted(relpaths, key=lambda rel: (-files[rel]["size"], rel))  # the same in every process
+    load, mine = [0] * n, []
+    for index, rel in enumerate(order):  # biggest first, each to the least-loaded process
+        owner = min(range(n), key=lambda p: (load[p], p))
+        load[owner] += files[rel]["size"]
+        if owner == me:
+            mine.append(index)
+    failed, bad = None, -1
+    for index in mine:
+        try:
+            checksums.verify(path, files, [order[index]])
+        except CheckpointError as e:
+            failed, bad = e, index
+            break
+    found = np.asarray(multihost_utils.process_allgather(np.int32(bad))).ravel()
+    if failed is not None:
+        raise failed
+    for process, index in enumerate(found):
+        if index >= 0:
+            raise CheckpointError(f"{os.path.join(path, order[index])}: damaged (process {process} found it "
+                                  "verifying its checksum; its error says how): restore or re-create the checkpoint")
 
 
 def _restore_part(checkpointer, directory: str, tree: dict) -> dict:

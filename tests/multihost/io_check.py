@@ -3,8 +3,8 @@ collectives, 2 host devices each, so a 4-device mesh spans both): checkpoint rea
 from every process. Prints one JSON line per result, prefixed "RESULT ".
 
 Usage: python tests/multihost/io_check.py PROCESS_ID PORT WORKDIR GROUP
-WORKDIR holds what the test prepared: `chunked/` and `unchunked/` (one tiny model saved twice) and
-`data.jsonl`. GROUP is "io" (reads, a sharded save, a run checkpoint) or "finetune" (a run on the
+WORKDIR holds what the test prepared: `chunked/` and `unchunked/` (one tiny model saved twice),
+`damaged/` (a copy of chunked/ with one weight file altered) and `data.jsonl`. GROUP is "io" (reads, a sharded save, a run checkpoint) or "finetune" (a run on the
 mesh stopped after one step and resumed).
 """
 
@@ -42,9 +42,9 @@ def io_counter(field: str) -> int:
         return int(next(line for line in f if line.startswith(field + ":")).split()[1])
 
 
-def counted_load(path: str) -> tuple[int, nnx.Module]:
+def counted_load(path: str, verify: bool = False) -> tuple[int, nnx.Module]:
     before = io_counter("rchar")
-    model = mla_jax.load(path, "float32", MESH, verify=False)
+    model = mla_jax.load(path, "float32", MESH, verify=verify)
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
     return io_counter("rchar") - before, model
 
@@ -60,6 +60,12 @@ def io_cases() -> None:
     for name in ("unchunked", "chunked"):
         nbytes, model = counted_load(os.path.join(workdir, name))
         report("read", layout=name, bytes=nbytes)
+    report("read", layout="chunked, verified", bytes=counted_load(os.path.join(workdir, "chunked"), verify=True)[0])
+    try:
+        mla_jax.load(os.path.join(workdir, "damaged"), "float32", MESH)
+        report("damaged", error=None)
+    except mla_jax.store.CheckpointError as e:
+        report("damaged", error=str(e))
 
     # Sharded save: each process writes the shards it holds; process 0 alone stages and publishes.
     before = io_counter("wchar")

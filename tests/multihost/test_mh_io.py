@@ -9,6 +9,7 @@ too (`chunk_bytes`) to give its weights several chunks each, as a real model's w
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,6 +80,11 @@ def workdir(tmp_path_factory):
     model = random_model()
     mla_jax.save(model, work / "chunked", chunk_bytes=CHUNK_BYTES)
     mla_jax.save(model, work / "unchunked", chunk_bytes=1 << 40)
+    shutil.copytree(work / "chunked", work / "damaged")
+    damaged = max((f for f in (work / "damaged" / store.STATE_DIR).rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
     rng = np.random.default_rng(0)
     (work / "data.jsonl").write_text("".join(json.dumps({"input_ids": rng.integers(2, 256, size=int(n)).tolist()}) + "\n"
                                              for n in rng.integers(5, 40, size=12)))
@@ -106,6 +112,20 @@ def test_each_process_reads_about_half_of_a_chunked_checkpoint(job):
     assert sorted(per_process) == [0, 1]
     for process, nbytes in per_process.items():
         assert 0.4 * total < nbytes < 0.6 * total, (process, nbytes, total)
+
+
+def test_verifying_checksums_is_shared_out_among_the_processes(job):
+    """With `verify` (the default) the job reads every file once for the checksums, split between
+    the processes: each reads its shards plus about half of the files, not the whole checkpoint."""
+    total = weight_bytes(job["dir"] / "chunked")
+    for process, nbytes in reads(job["results"], "chunked, verified").items():
+        assert 0.8 * total < nbytes < 1.25 * total, (process, nbytes, total)
+
+
+def test_a_damaged_file_stops_the_load_in_every_process(job):
+    errors = {r["process"]: r["error"] for r in job["results"] if r["case"] == "damaged"}
+    assert sorted(errors) == [0, 1]
+    assert all(e is not None and "damaged" in e and "/damaged/state/" in e for e in errors.values()), errors
 
 
 def test_whole_chunks_make_every_process_read_everything(job):
