@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from mla_jax.errors import Terminated, raise_interrupt
 from mla_jax.model import Transformer
+from mla_jax.parallel.launch import is_main_process
 from mla_jax.training import model_io
 from mla_jax.training.checkpointing import RunCheckpoints
 from mla_jax.training.config import RunError, TrainConfig
@@ -217,7 +218,7 @@ def finetune(
     batches = Batches(packed, tc.batch_size, tc.grad_accum, seed=tc.seed, shuffle=tc.shuffle)
     run = {"train_config": tc.to_dict(), "data": os.path.abspath(os.fspath(data)),
            "data_fingerprint": packed.fingerprint(), "base": base, "model_config": c.to_hf()}
-    lead = jax.process_index() == 0
+    lead = is_main_process()
     if jax.process_count() > 1:  # every process has checked OUT before any of them writes to it
         from jax.experimental import multihost_utils
 
@@ -331,7 +332,7 @@ def _train(trainer, state, batches, records, metrics_path, ckpts, start, end, pr
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     done = start
     # one writer of the metrics in a job of several processes: process 0
-    with _StopRequest(log) as stop, open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as f:
+    with _StopRequest(log) as stop, open(metrics_path if is_main_process() else os.devnull, "a") as f:
         for s in range(start, end):
             t0 = time.perf_counter()
             state, m = trainer.train_step(state, batches.batch(s))

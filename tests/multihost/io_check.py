@@ -2,32 +2,29 @@
 collectives, 2 host devices each, so a 4-device mesh spans both): checkpoint reading and writing
 from every process. Prints one JSON line per result, prefixed "RESULT ".
 
-Usage: python tests/multihost/io_check.py PROCESS_ID PORT WORKDIR GROUP
+Usage (through tests/multihost/launch.py, which gives each process its job): io_check.py WORKDIR GROUP
 WORKDIR holds what the test prepared: `chunked/` and `unchunked/` (one tiny model saved twice),
-`damaged/` (a copy of chunked/ with one weight file altered) and `data.jsonl`. GROUP is "io" (reads, a sharded save, a run checkpoint) or "finetune" (a run on the
-mesh stopped after one step and resumed).
+`damaged/` (a copy of chunked/ with one weight file altered) and `data.jsonl`. GROUP is "io" (reads,
+a sharded save, a run checkpoint) or "finetune" (a run on the mesh stopped after one step and resumed).
 """
 
 import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+from mla_jax import parallel
+
+parallel.initialize()  # the job from $MLA_JAX_*, before anything touches a device
 
 import jax  # noqa: E402
-
-process_id, port, workdir, group = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
-
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import mla_jax  # noqa: E402
-from mla_jax import parallel  # noqa: E402
 from mla_jax.training.checkpointing import RunCheckpoints  # noqa: E402
 
+workdir, group = sys.argv[1], sys.argv[2]
+process_id = jax.process_index()
 # every weight with a model dimension split 4 ways: 2 of the shards in each process
 MESH = parallel.make_mesh("fsdp=4")
 
@@ -103,5 +100,6 @@ def finetune_case() -> None:
            losses=[r["loss"] for r in resumed["records"]])
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # the test module (FINETUNE) and what it imports
 {"io": io_cases, "finetune": finetune_case}[group]()
