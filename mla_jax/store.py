@@ -61,6 +61,7 @@ DEFAULT_PART_BYTES = 128 << 20
 # Storage chunk bound: a reader gets whole chunks, so a device restoring its shard of a bigger array
 # reads the chunks its shard overlaps, not the array (`chunk_shape`).
 DEFAULT_CHUNK_BYTES = 16 << 20
+ALIGNED_SPLITS = 8  # pieces per split dimension worth cutting for (`chunk_shape`)
 
 Path = tuple  # ("layers", 0, "self_attn", "q_b_proj", "kernel"); ("mtp", "<hub name>") for extras
 
@@ -95,22 +96,25 @@ def chunk_shape(path: Path, shape: tuple[int, ...], itemsize: int, max_bytes: in
     tensorstore reads whole chunks, so a restore onto a mesh reads, per device, every chunk its
     shard overlaps. The chunks are therefore cut along the dimensions some preset of the
     logical-axis table splits (`mla_jax.parallel.rules`: experts, embed, heads, hidden, vocab),
-    halving each in turn: with power-of-two meshes a shard then covers whole chunks whichever
-    preset loaded it, so each device reads about its share. Arrays within the bound stay one chunk
-    (the small ones: norms, biases, a tiny model). Names the table does not know (MTP extras) are
-    halved along their largest dimensions.
+    halving each in turn until within `max_bytes`, and then on, while chunks stay above
+    max_bytes / 16, until each such dimension is in `ALIGNED_SPLITS` pieces: a split of up to 8
+    ways (one host's GPUs) then reads whole chunks of its own only, whichever preset made it.
+    Arrays within max_bytes / 16 stay one chunk (norms, biases, a tiny model's weights). Names
+    the table does not know (MTP extras) are halved along their largest dimensions.
     """
     from mla_jax.parallel.rules import PRESETS, param_axes
 
     split_somewhere = {axis for axes in PRESETS.values() for axis in axes}
-    chunk = [max(1, int(d)) for d in shape]
+    shape = tuple(max(1, int(d)) for d in shape)
+    chunk = list(shape)
     try:
         logical = param_axes(path_name(path), len(chunk)) if path and path[0] != "mtp" else (None,) * len(chunk)
     except ValueError:  # stored in another rank than the model holds it (quantized forms): no table entry
         logical = (None,) * len(chunk)
     preferred = [d for d, axis in enumerate(logical) if axis in split_somewhere]
+    nbytes = lambda: math.prod(chunk) * itemsize
     turn = 0
-    while math.prod(chunk) * itemsize > max_bytes:
+    while nbytes() > max_bytes:
         even = [d for d in preferred if chunk[d] % 2 == 0]
         if even:
             d = even[turn % len(even)]
@@ -120,6 +124,13 @@ def chunk_shape(path: Path, shape: tuple[int, ...], itemsize: int, max_bytes: in
             if not rest:
                 break  # odd sizes everywhere: the array stays in bigger chunks
             d = max(rest, key=lambda i: chunk[i])
+        chunk[d] //= 2
+    while nbytes() // 2 >= max_bytes // 16:
+        short = [d for d in preferred if chunk[d] % 2 == 0 and shape[d] // chunk[d] < ALIGNED_SPLITS]
+        if not short:
+            break
+        d = short[turn % len(short)]
+        turn += 1
         chunk[d] //= 2
     return tuple(chunk)
 
