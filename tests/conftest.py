@@ -46,6 +46,7 @@ def _start_compilation_cache() -> None:
 LONGEST_FIRST = (
     "tests/pallas_kernels/test_mla_decode.py",         # ~250: interpret-mode kernel grid
     "tests/training/test_train_cli_errors.py",         # ~200: CLI subprocesses that train
+    "tests/test_parallel_mesh.py",                     # ~180 (lead's estimate): an 8-device subprocess
     "tests/test_readme.py",                            # ~150: every README snippet
     "tests/training/test_train_gradients.py",          # ~135: four configs against torch autograd
     "tests/training/test_train_cli.py",                # ~130: the 300-step demo, stop and resume
@@ -55,6 +56,7 @@ LONGEST_FIRST = (
     "tests/test_generate_api.py",                      # ~100
     "tests/training/test_train_resume.py",             # ~80
     "tests/test_parity.py",
+    "tests/multihost/test_launch.py",                  # jax.distributed processes
     "tests/training/test_train_data.py",               # ~60
     "tests/test_moe_dispatch.py",                      # ~60
     "tests/test_moe.py",                               # ~60
