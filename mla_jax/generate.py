@@ -43,6 +43,7 @@ from mla_jax import cache as kv
 from mla_jax.attention import expand_keys, join_query, with_decode_layout
 from mla_jax.errors import UsageError, UsageTypeError
 from mla_jax.model import Transformer
+from mla_jax.moe import with_expert_layout
 from mla_jax.ops import attention as ops_attention
 from mla_jax.ops import platform
 from mla_jax.parallel.mesh import auto_axes, leading_spec, mesh_of, on_mesh
@@ -342,6 +343,8 @@ def _runs_on_cpu(model: Transformer) -> bool:
     There `generate` decodes with `with_decode_layout(model)`: XLA:CPU transposes W_UK and W_UV for the
     head-batched products on every step, as slowly as it reads the rest of the layer's attention
     weights. GPUs transpose them at memory speed and keep the memory (kv_b_proj's size) instead.
+    Likewise `with_expert_layout`: XLA:CPU copies each chosen expert out of the stacked experts
+    before multiplying by it; held one array per expert, it is read in place.
     """
     chosen = platform.forced()
     if chosen is not None:
@@ -506,7 +509,7 @@ class Stream:
         self.tokens, self.lengths = tokens, jnp.asarray(lengths, jnp.int32)
         self.vocab_size = config.vocab_size
         if self.mesh is None and _runs_on_cpu(model):  # one device: the CPU decode layout (see _runs_on_cpu)
-            self.graphdef, self.state = nnx.split(with_decode_layout(model))
+            self.graphdef, self.state = nnx.split(with_expert_layout(with_decode_layout(model)))
         self.out_shardings = None
         if self.mesh is not None:
             rows = batch_sharding(self.mesh, (b,))

@@ -133,13 +133,46 @@ class Experts(nnx.Module):
         self.gate_proj_scale_inv = nnx.data(None)
         self.up_proj_scale_inv = nnx.data(None)
         self.down_proj_scale_inv = nnx.data(None)
+        self.by_expert = nnx.data(None)  # the CPU decode layout (`with_expert_layout`), else None
 
     def weights(self) -> tuple:
-        """(gate, up, down): arrays, or `Blocked` quantized weights."""
+        """(gate, up, down): arrays, `Blocked` quantized weights, or (in the CPU decode layout)
+        tuples of E per-expert arrays."""
+        if self.by_expert is not None:
+            return tuple(tuple(v[...] for v in per_expert) for per_expert in self.by_expert)
         if self.quant is None:
             return tuple(getattr(self, n)[...] for n in self.NAMES)
         return tuple(Blocked(getattr(self, n)[...], getattr(self, f"{n}_scale_inv")[...], self.quant)
                      for n in self.NAMES)
+
+
+class ExpertLayout(nnx.Variable):
+    """One routed expert's gate, up or down weight split out of the stack (`with_expert_layout`):
+    derived once per generation, never trained or saved."""
+
+
+def with_expert_layout(model: nnx.Module) -> nnx.Module:
+    """A view of `model` (sharing its arrays) whose routed experts are also held one array per expert
+    (what `generate` decodes with on CPUs; `grouped_matmul_by_expert`).
+
+    XLA:CPU copies an expert's [D,F] out of the stacked [E,D,F] before every dot that reads it, on
+    every step (mla_jax/ops/moe_dispatch.py); held apart, each is read in place. Extra memory: the
+    routed experts' size. Only float32 experts of runs of one MoE layer get it: bf16 or quantized
+    experts are converted to float32 one at a time anyway (a copy as costly), and in a run of L > 1
+    scanned layers the scan would copy every expert's layer slice ([L,D,F] -> [D,F]) every step.
+    """
+    view = nnx.merge(*nnx.split(model))
+    for _, experts in nnx.iter_graph(view):
+        if not isinstance(experts, Experts) or experts.quant is not None:
+            continue
+        stacked = [getattr(experts, n)[...] for n in Experts.NAMES]  # [E,D,F] or [L,E,D,F]
+        if stacked[0].dtype != jnp.float32 or (stacked[0].ndim == 4 and stacked[0].shape[0] != 1):
+            continue
+        axis = stacked[0].ndim - 3  # E
+        experts.by_expert = nnx.List([
+            nnx.List([ExpertLayout(jnp.take(w, e, axis=axis)) for e in range(w.shape[axis])])
+            for w in stacked])
+    return view
 
 
 class MoE(nnx.Module):

@@ -6,6 +6,8 @@ Values and gradients (inputs, routing weights, all three expert weights) must ma
 `dispatch_reference` to float32 rounding.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +150,35 @@ def test_platform_override_picks_the_loops_for_cpu(monkeypatch):
 
 def test_tokamax_is_not_chosen_without_a_hopper_default_device():
     assert not md.tokamax_serves()  # this process's default device is a CPU
+
+
+# ------------------------------------------------------------------------ experts held one array each
+def by_expert(*stacks):
+    """[E,...] stacks -> tuples of E separate arrays (the CPU decode layout)."""
+    return tuple(tuple(jnp.array(w[e]) for e in range(w.shape[0])) for w in stacks)
+
+
+@pytest.mark.parametrize("m, e, k, pattern", CASES)
+def test_experts_held_one_array_each_give_the_reference(m, e, k, pattern):
+    x, weights, experts, *ws = problem(m, e, k, pattern, seed=5)
+    out = jax.jit(md.dispatch)(x, weights, experts, *by_expert(*ws))
+    assert relative(out, md.dispatch_reference(x, weights, experts, *ws)) < 1e-5
+
+
+def test_no_expert_weight_is_copied_before_its_product():
+    """The point of the layout: in the optimized CPU program every value of an expert's shape ([D,F]
+    or [F,D]) is an input passed along (parameter, tuple element, bitcast), never a fresh copy."""
+    x, weights, experts, *ws = problem(6, 8, 2, "random")
+    hlo = jax.jit(md.dispatch).lower(x, weights, experts, *by_expert(*ws)).compile().as_text()
+    made = [line.strip()[:160] for line in hlo.splitlines()
+            if re.search(rf"= f32\[({D},{F}|{F},{D})\]\S* (?!parameter|get-tuple-element|bitcast)", line)]
+    assert "conditional(" in hlo  # the per-expert branches are there
+    assert made == []
+
+
+def test_experts_held_one_array_each_refuse_other_implementations():
+    x, weights, experts, *ws = problem(3, 8, 2, "random")
+    with pytest.raises(ValueError, match="one array per expert"):
+        md.dispatch(x, weights, experts, *by_expert(*ws), implementation="ragged_dot")
+    with pytest.raises(ValueError, match="rhs shapes"):
+        md.grouped_matmul(jnp.zeros((4, D)), (jnp.zeros((D, F)), jnp.zeros((D + 1, F))), jnp.zeros((2,), jnp.int32))

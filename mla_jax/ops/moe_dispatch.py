@@ -12,6 +12,12 @@ routed work (K experts per token), never all E. Which grouped matmul runs is cho
   rows and over row tiles inside each; float32 arithmetic on weights converted one expert at a time,
   because XLA:CPU multiplies bfloat16 by converting the whole weight to a fresh float32 buffer.
   A decode step (a few rows) touches only the chosen experts' weights.
+* Experts held one array per expert (a tuple for each of w_gate, w_up, w_down: the CPU decode
+  layout, `mla_jax.moe.with_expert_layout`) take `grouped_matmul_by_expert`, the same loops with
+  each expert's product in its own `lax.switch` branch: every dot reads a whole buffer in place.
+  (XLA:CPU copies a slice of a stacked [E,D,F], static or dynamic, into a fresh buffer before a
+  dot reads it; at V2-Lite shapes that copy cost 4-5x the matrix-vector product itself.)
+  Forward only: it serves generation.
 * `MLA_JAX_PLATFORM=gpu|cpu` overrides the choice (mla_jax/ops/platform.py).
 
 Quantized experts (`mla_jax.quant.Blocked`: FP8 or int8 values with block scales) take the loop
@@ -59,12 +65,18 @@ def dispatch(x, weights, experts, w_gate, w_up, w_down, *, implementation: str |
     """Dropless routed experts. x [M,D]; weights [M,K] (float32), experts [M,K] int;
     w_gate, w_up [E,D,F]; w_down [E,F,D] -> [M,D] in the weights' dtype.
 
+    The expert weights may also be tuples of E per-expert arrays ([D,F], [D,F], [F,D]; see the
+    module doc), served by the loops whatever the platform.
+
     `implementation` ("tokamax" | "loops" | "ragged_dot") overrides the platform's choice; tests use it.
     Batches of more than `max_rows` pair rows run forward in token chunks.
     """
     m, k = experts.shape
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS} or None")
+    if isinstance(w_gate, tuple) and implementation not in (None, "loops"):
+        raise ValueError(f"implementation={implementation!r}: experts held one array per expert run only "
+                         f"in the loops (implementation='loops' or None)")
     if m * k <= max_rows:
         return _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation)
     return _chunked(x, weights, experts.astype(jnp.int32), w_gate, w_up, w_down, implementation,
@@ -74,12 +86,12 @@ def dispatch(x, weights, experts, w_gate, w_up, w_down, *, implementation: str |
 def _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation):
     """All M tokens in one piece."""
     m, k = experts.shape
-    n_experts = w_gate.shape[0]
+    n_experts = len(w_gate) if isinstance(w_gate, tuple) else w_gate.shape[0]
     flat_expert = experts.reshape(-1).astype(jnp.int32)  # [P]
     order = jnp.argsort(flat_expert, stable=True)
     token = order // k  # [P] source token of each sorted pair row
     group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)  # [E]
-    xs = x[token].astype(w_gate.dtype)  # [P,D], expert-major
+    xs = x[token].astype(_dtype(w_gate))  # [P,D], expert-major
     gmm = functools.partial(grouped_matmul, implementation=implementation)
     h = jax.nn.silu(gmm(xs, w_gate, group_sizes)) * gmm(xs, w_up, group_sizes)  # [P,F]
     ys = gmm(h, w_down, group_sizes)  # [P,D]
@@ -126,7 +138,7 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 def dispatch_reference(x, weights, experts, w_gate, w_up, w_down):
     """Every expert on every token, combined with a dense [M,E] weight matrix. For tests only."""
     m, _ = experts.shape
-    w_gate, w_up, w_down = (materialize(w) for w in (w_gate, w_up, w_down))
+    w_gate, w_up, w_down = (jnp.stack(w) if isinstance(w, tuple) else materialize(w) for w in (w_gate, w_up, w_down))
     h = jax.nn.silu(jnp.einsum("MD,EDF->MEF", x, w_gate)) * jnp.einsum("MD,EDF->MEF", x, w_up)
     y = jnp.einsum("MEF,EFD->MED", h, w_down)
     combine = jnp.zeros((m, w_gate.shape[0]), jnp.float32)
@@ -138,12 +150,18 @@ def dispatch_reference(x, weights, experts, w_gate, w_up, w_down):
 IMPLEMENTATIONS = ("tokamax", "loops", "ragged_dot")
 
 
+def _dtype(w):
+    return w[0].dtype if isinstance(w, tuple) else w.dtype
+
+
 def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str | None = None):
     """lhs [P,D] (rows sorted by group) · rhs [E,D,F] per group -> [P,F] in lhs' dtype.
 
     Same contract as `jax.lax.ragged_dot`: group e owns the next group_sizes[e] rows; rows past
-    sum(group_sizes) come out zero.
+    sum(group_sizes) come out zero. rhs may be a tuple of E arrays [D,F] (`grouped_matmul_by_expert`).
     """
+    if isinstance(rhs, tuple):
+        return grouped_matmul_by_expert(lhs, rhs, group_sizes)
     if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != (rhs.shape[0],) or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(f"grouped_matmul: expected lhs [P,D], rhs [E,D,F], group_sizes [E]; found "
                          f"{lhs.shape=}, {rhs.shape=}, {group_sizes.shape=}")
@@ -228,27 +246,60 @@ def _active_experts(group_sizes):
     return order, jnp.sum(has_rows).astype(jnp.int32), starts
 
 
-def _gmm_loops(lhs, rhs, group_sizes, transpose_rhs: bool):
-    """Forward grouped matmul: lhs [P,D] · rhs[e] ([D,F], or [F,D] transposed) -> [P,F] lhs.dtype."""
+def _over_experts(lhs, f: int, group_sizes, product):
+    """out [P,F] in lhs.dtype: for each expert e with rows, product(e) is a function taking a float32
+    row tile [tile,D] of e's rows to float32 [tile,F]. product(e) runs once per expert (per-expert
+    preparation goes there), the function it returns once per row tile."""
     p = lhs.shape[0]
-    f = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     active, n_active, starts = _active_experts(group_sizes)
-    contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
     def expert(i, out):
         e = active[i]
         first, size = starts[e], group_sizes[e]
-        w = index(rhs, e, jnp.float32)  # this expert only (dequantized here when quantized)
+        times = product(e)
 
         def tile_body(offset, tile, out):
             x, start, mine = _row_tile(lhs, first + offset, tile, first + offset, first + size)
-            y = lax.dot_general(x, w, contract)  # [tile,F] float32
+            y = times(x)  # [tile,F] float32
             old = lax.dynamic_slice_in_dim(out, start, tile, axis=0)
             return lax.dynamic_update_slice_in_dim(out, jnp.where(mine[:, None], y.astype(out.dtype), old), start, 0)
 
         return _for_each_tile(size, p, tile_body, out)
 
     return lax.fori_loop(0, n_active, expert, jnp.zeros((p, f), lhs.dtype))
+
+
+def _gmm_loops(lhs, rhs, group_sizes, transpose_rhs: bool):
+    """Forward grouped matmul: lhs [P,D] · rhs[e] ([D,F], or [F,D] transposed) -> [P,F] lhs.dtype."""
+    f = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+
+    def product(e):
+        w = index(rhs, e, jnp.float32)  # this expert only (dequantized here when quantized)
+        return lambda x: lax.dot_general(x, w, contract)
+
+    return _over_experts(lhs, f, group_sizes, product)
+
+
+def grouped_matmul_by_expert(lhs, rhs: tuple, group_sizes):
+    """The loop form over experts held one array each: rhs a tuple of E arrays [D,F] -> [P,F].
+
+    Expert e's product runs in branch e of a `lax.switch`, whose dot reads rhs[e] where it lies:
+    no slice, so no copy (see the module doc). Forward only (generation).
+    """
+    if not rhs or any(w.ndim != 2 or w.shape != rhs[0].shape for w in rhs) or lhs.ndim != 2 \
+            or lhs.shape[1] != rhs[0].shape[0] or group_sizes.shape != (len(rhs),):
+        raise ValueError(f"grouped_matmul_by_expert: expected lhs [P,D], rhs a tuple of E arrays [D,F], "
+                         f"group_sizes [E]; found {lhs.shape=}, rhs shapes {[w.shape for w in rhs]}, "
+                         f"{group_sizes.shape=}")
+    branches = [functools.partial(_times, w) for w in rhs]
+    return _over_experts(lhs, rhs[0].shape[1], group_sizes,
+                         lambda e: lambda x: lax.switch(e, branches, x))
+
+
+def _times(w, x):
+    """x [tile,D] float32 · w [D,F] -> [tile,F] float32."""
+    return lax.dot_general(x, w.astype(jnp.float32), (((1,), (0,)), ((), ())))
 
 
 def _tgmm_loops(lhs, dout, group_sizes, rhs_like):
