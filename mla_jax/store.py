@@ -277,11 +277,20 @@ class Writer:
         self._pending, self._pending_bytes = {}, 0
 
     def _checksum_finished_part(self) -> None:
-        if self._unhashed is not None and self._lead:
+        if self._unhashed is not None:
             part = f"{STATE_DIR}/{self._unhashed}"
             self._sums.append(self._hasher.submit(
-                lambda tmp=self.tmp: checksums.record(tmp, checksums.files_under(tmp, part))))
+                lambda tmp=self.tmp: checksums.record(tmp, self._own_files(checksums.files_under(tmp, part)))))
         self._unhashed = None
+
+    def _own_files(self, files: list[str]) -> list[str]:
+        """The files this process checksums: in a job, those it wrote (orbax's `ocdbt.process_N/`),
+        and process 0 everything else; so no process reads back another's shards."""
+        if not self._jobwide:
+            return files
+        me = jax.process_index()
+        writer = lambda rel: int(m[1]) if (m := _PROCESS_FILES.search(rel)) else 0
+        return [rel for rel in files if writer(rel) == me]
 
     def commit(self, config_json: Mapping[str, Any], *, dtype: str, tokenizer_from: str | os.PathLike | None = None,
                extra: Mapping[str, Any] | None = None) -> str:
@@ -292,9 +301,25 @@ class Writer:
             self._checkpointer.wait_until_finished()  # in a job: every process's shards are written
             self._checkpointer.close()
         failed: BaseException | None = None
-        if self._lead:
+        files: dict | None = {}
+        try:
+            with write_errors(self.dst):
+                self._checksum_finished_part()
+                for done in self._sums:
+                    files.update(done.result())
+        except BaseException as e:
+            failed, files = e, None
+        if self._jobwide:  # every process's checksums, to process 0
+            gathered = _gather_json(files)
+            if self._lead and failed is None:
+                broken = [p for p, f in enumerate(gathered) if f is None]
+                if broken:
+                    failed = CheckpointError(f"{self.dst}: process {broken[0]} could not checksum the files it wrote "
+                                             "(its error says why)")
+                files = {rel: entry for f in gathered if f for rel, entry in f.items()}
+        if self._lead and failed is None:
             try:
-                self._publish(config_json, dtype=dtype, tokenizer_from=tokenizer_from, extra=extra)
+                self._publish(files, config_json, dtype=dtype, tokenizer_from=tokenizer_from, extra=extra)
             except BaseException as e:
                 failed = e
         if self._jobwide and _from_lead(0 if failed is None else 1) and failed is None:
@@ -305,12 +330,8 @@ class Writer:
         self._finish()
         return self.dst
 
-    def _publish(self, config_json, *, dtype, tokenizer_from, extra) -> None:
+    def _publish(self, files: dict, config_json, *, dtype, tokenizer_from, extra) -> None:
         with write_errors(self.dst):
-            self._checksum_finished_part()
-            files = {}
-            for done in self._sums:
-                files.update(done.result())
             self._check()
             layout = {"format": FORMAT, "version": VERSION, "dtype": dtype, "items": self._items, **(extra or {}),
                       "files": dict(sorted(files.items()))}
@@ -333,6 +354,22 @@ class Writer:
     def _finish(self) -> None:
         self._hasher.shutdown(wait=True, cancel_futures=True)
         self._quiet.close()
+
+
+# orbax's per-process databases in a multi-process save: what process N wrote
+_PROCESS_FILES = re.compile(r"(?:^|/)ocdbt\.process_(\d+)/")
+
+
+def _gather_json(obj) -> list:
+    """Every process's JSON-able `obj`, in process order, in every process (a collective)."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size))).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(rows[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]
 
 
 def _from_lead(value: int) -> int:

@@ -65,9 +65,9 @@ def io_cases() -> None:
         report("damaged", error=str(e))
 
     # Sharded save: each process writes the shards it holds; process 0 alone stages and publishes.
-    before = io_counter("wchar")
-    path = mla_jax.save(model, os.path.join(workdir, "saved_by_job"), chunk_bytes=4 << 10)
-    report("save", path=path, written=io_counter("wchar") - before,
+    before, read_before = io_counter("wchar"), io_counter("rchar")
+    path = mla_jax.save(model, os.path.join(workdir, "saved_by_job"), chunk_bytes=64 << 10)
+    report("save", path=path, written=io_counter("wchar") - before, read=io_counter("rchar") - read_before,
            exists=os.path.isfile(os.path.join(path, "config.json")))
 
     # A run checkpoint of a sharded state (the weights, a replicated step): saved, then restored
