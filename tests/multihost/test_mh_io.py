@@ -50,8 +50,9 @@ def random_model(seed: int = 0):
 
 def run_pair(*args: str, timeout: int = 600) -> list[dict]:
     """io_check.py ARGS as the two processes of one job; the RESULT lines both printed."""
+    # Without the test run's persistent compilation cache: reading its entries would count as reads.
     procs = launch([os.path.join(HERE, "io_check.py"), *args], python=True, num_processes=2, devices_per_process=2,
-                   timeout=timeout)
+                   timeout=timeout, env={"JAX_COMPILATION_CACHE_DIR": None})
     return [json.loads(line[len("RESULT "):]) for p in procs for line in p.out.splitlines()
             if line.startswith("RESULT ")]
 
