@@ -46,7 +46,7 @@ from mla_jax.model import Transformer
 from mla_jax.moe import with_expert_layout
 from mla_jax.ops import attention as ops_attention
 from mla_jax.ops import platform
-from mla_jax.parallel.mesh import auto_axes, leading_spec, mesh_of, on_mesh
+from mla_jax.parallel.mesh import auto_axes, leading_spec, mesh_of, on_mesh, put, to_host
 from mla_jax.parallel.rules import batch_axes, batch_sharding, cache_sharding, replicated, shard_count
 from mla_jax.rope import sin_cos
 from mla_jax.sampling import Sampling, sample
@@ -497,11 +497,17 @@ class Stream:
         if pool % shards:
             raise UsageError(f"num_pages={num_pages}: the cache is split over {shards} batch shards on "
                              f"this mesh; use a multiple of {shards}")
-        self.cache = kv.init_cache(config, pool, b, pages_per_seq, page_size=page_size, dtype=cache_dtype)
+        make_cache = functools.partial(kv.init_cache, config, pool, b, pages_per_seq, page_size=page_size,
+                                       dtype=cache_dtype)
+        cache_at = None if self.mesh is None else cache_sharding(self.mesh, jax.eval_shape(make_cache))
+        # On a mesh each device makes its own part of the empty pages (in a job of several processes
+        # no process could hold them all).
+        self.cache = make_cache() if cache_at is None else jax.jit(make_cache, out_shardings=cache_at)()
         self.allocator = kv.PageAllocator(self.cache.num_pages, shards)
         self.reserved = [n + self.max_new_tokens for n in lengths]
         self.table = self.allocator.allocate(self.reserved, page_size, pages_per_seq)
-        self.cache = self.cache._replace(block_table=jnp.asarray(self.table))
+        table = jnp.asarray(self.table) if cache_at is None else put(self.table, cache_at.block_table)
+        self.cache = self.cache._replace(block_table=table)
         self.stats.cache_bytes_per_token = kv.bytes_per_token(self.cache)
         tokens = np.zeros((b, bucket), np.int32)
         for i, p in enumerate(self.prompts):
@@ -513,16 +519,14 @@ class Stream:
         self.out_shardings = None
         if self.mesh is not None:
             rows = batch_sharding(self.mesh, (b,))
-            cache_at = cache_sharding(self.mesh, self.cache)
-            self.cache = jax.device_put(self.cache, cache_at)
-            self.lengths = jax.device_put(self.lengths, rows)
-            self.key, self.stop = jax.device_put((self.key, self.stop), replicated(self.mesh))
+            self.lengths = put(np.asarray(lengths, np.int32), rows)
+            self.key, self.stop = put((self.key, self.stop), replicated(self.mesh))
             self.out_shardings = (cache_at, rows, rows, replicated(self.mesh),
                                   batch_sharding(self.mesh, (b, config.vocab_size)))
 
     def _put(self, x: jax.Array) -> jax.Array:
         """x [B,...] split like the batch on the model's mesh (unchanged without one)."""
-        return x if self.mesh is None else jax.device_put(x, batch_sharding(self.mesh, x.shape))
+        return x if self.mesh is None else put(x, batch_sharding(self.mesh, x.shape))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         with on_mesh(self.mesh):
@@ -534,12 +538,13 @@ class Stream:
         if self.cache is None:
             raise RuntimeError("this Stream has already run (its cache was donated); call generate_stream again")
         cache, self.cache = self.cache, None  # donated below
-        logits = self._put(jnp.zeros((len(self.prompts), self.vocab_size), jnp.float32))
+        logits = self._put(np.zeros((len(self.prompts), self.vocab_size), np.float32))
         prefill, begin = None, 0.0
         for first in range(0, self.tokens.shape[1], self.chunk):
-            chunk = self._put(jnp.asarray(self.tokens[:, first: first + self.chunk]))
-            start = jnp.asarray(first, jnp.int32)
-            start = start if self.mesh is None else jax.device_put(start, replicated(self.mesh))
+            chunk = self.tokens[:, first: first + self.chunk]
+            chunk = jnp.asarray(chunk) if self.mesh is None else self._put(chunk)
+            start = np.int32(first)
+            start = jnp.asarray(start) if self.mesh is None else put(start, replicated(self.mesh))
             args = (self.state, cache, chunk, start, self.lengths, logits, self.key, self.stop)
             if prefill is None:
                 prefill, compile_s = _executable(_prefill, self.graphdef, args,
@@ -548,11 +553,11 @@ class Stream:
                 self.stats.compile_seconds += compile_s
                 begin = time.perf_counter()
             cache, token, done, key, logits = prefill(*args)
-        token_host = np.asarray(token)
+        token_host = to_host(token)  # every process of a job gets every sequence's tokens
         self.stats.prefill_seconds = time.perf_counter() - begin
         statics = {"sampling": self.sampling, "implementation": self.implementation}
         decode = None
-        pending = (token_host, logits, np.asarray(done))
+        pending = (token_host, logits, to_host(done))
         try:
             for _ in range(self.max_new_tokens - 1):
                 if pending[2].all():
@@ -565,7 +570,7 @@ class Stream:
                 # Dispatch the next step before handing out this one, so the device never waits on us.
                 cache, token, done, key, logits = decode(*step_args)
                 yield self._hand_out(pending)
-                pending = (np.asarray(token), logits, np.asarray(done))
+                pending = (to_host(token), logits, to_host(done))
                 self.stats.decode_tokens += int((pending[0] != FINISHED).sum())
                 self.stats.decode_seconds = time.perf_counter() - start
             yield self._hand_out(pending)

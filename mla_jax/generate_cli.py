@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         prompts = [tokenizer.encode(p) for p in args.prompt]
     start = time.perf_counter()
     mesh = launch.start(args)
+    # In a job of several processes every one generates (the steps are collective), process 0 prints.
+    say = _print if launch.is_main_process() else (lambda text: None)
     model = load_model(args.ckpt, args.dtype, mesh)
     load_seconds = time.perf_counter() - start
     stop = set(tokenizer.eos_token_ids) | set(_as_tuple(model.config.eos_token_id))
@@ -113,30 +115,30 @@ def run(args: argparse.Namespace) -> int:
     texts = [TextStream(tokenizer) for _ in prompts]
     try:
         if single:
-            _print(args.prompt[0])
+            say(args.prompt[0])
         for step in stream:
             for i, token in enumerate(step.tolist()):
                 if token == FINISHED:
                     continue
                 piece = texts[i].push(token)
                 if single:
-                    _print(piece)
+                    say(piece)
     except BaseException:
         if single:  # end the streamed line, so that whatever is reported next starts on its own
-            _print("\n")
+            say("\n")
         raise
     if single:
-        _print(texts[0].flush() + "\n")
+        say(texts[0].flush() + "\n")
     else:
         for prompt, text in zip(args.prompt, texts):
-            print(f"--- {prompt!r}\n{prompt}{tokenizer.decode(text.ids)}")
+            say(f"--- {prompt!r}\n{prompt}{tokenizer.decode(text.ids)}\n")
 
     s, c = stream.stats, model.config
     mha = c.kv_cache_bytes_per_token(2)["mha"]
-    print(f"prefill: {s.prefill_tokens_per_second:,.1f} tok/s, decode: {s.decode_tokens_per_second:,.1f} tok/s "
-          f"(batch {s.batch}, {s.prompt_tokens} prompt + {s.decode_tokens} decoded tokens; load "
-          f"{load_seconds:.1f} s, compile {s.compile_seconds:.1f} s; {stream.implementation} decode attention; "
-          f"cache {s.cache_bytes_per_token:,} B/token {args.cache_dtype} latent vs {mha:,} B/token bf16 MHA)")
+    say(f"prefill: {s.prefill_tokens_per_second:,.1f} tok/s, decode: {s.decode_tokens_per_second:,.1f} tok/s "
+        f"(batch {s.batch}, {s.prompt_tokens} prompt + {s.decode_tokens} decoded tokens; load "
+        f"{load_seconds:.1f} s, compile {s.compile_seconds:.1f} s; {stream.implementation} decode attention; "
+        f"cache {s.cache_bytes_per_token:,} B/token {args.cache_dtype} latent vs {mha:,} B/token bf16 MHA)\n")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 
 from mla_jax.errors import UsageError
 
@@ -80,6 +81,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     job = settings(coordinator, num_processes, process_id)
     if job is None:
         return False
+    if jax.distributed.is_initialized():  # joined already (a program that also calls the CLI's main)
+        if (jax.process_count(), jax.process_index()) != (job["num_processes"], job["process_id"]):
+            raise UsageError(f"this process already runs as process {jax.process_index()} of {jax.process_count()}; "
+                             f"asked to join as {job['process_id']} of {job['num_processes']}")
+        return True
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**job)
@@ -93,12 +99,26 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def native_stdout_to_stderr() -> None:
+    """From now on, what native libraries write to stdout goes to stderr; Python's `print` keeps stdout.
+
+    The CLI's stdout is its result (the generated text). In a CPU job, gloo writes a line to the
+    process's stdout ("[Gloo] Rank 0 is connected to 1 peer ranks...") each time a new group of
+    devices first exchanges data, which would land in the middle of the streamed text.
+    """
+    sys.stdout.flush()
+    python_stdout = os.dup(1)
+    os.dup2(2, 1)  # file descriptor 1 (native code's stdout) is now stderr
+    sys.stdout = open(python_stdout, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+
+
 def start(args):
     """Joins the multi-host job when asked, then the mesh `--mesh` names (None without one)."""
     from mla_jax.parallel.mesh import make_mesh
 
-    initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-               getattr(args, "process_id", None))
+    if initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                  getattr(args, "process_id", None)):
+        native_stdout_to_stderr()
     if args.mesh is None:
         return None
     try:

@@ -12,6 +12,7 @@ import math
 import re
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh
 
@@ -88,6 +89,41 @@ def mesh_of(tree) -> Mesh | None:
         if isinstance(sharding, jax.sharding.NamedSharding):
             return sharding.mesh
     return None
+
+
+# ------------------------------------------------------------------------ several processes
+def put(tree, shardings):
+    """`jax.device_put(tree, shardings)` that also works in a job of several processes.
+
+    Every leaf is a value each process holds whole and alike (a numpy array, a python number, an
+    array on a device of this process: a prompt batch, a PRNG key, a block table). Where a sharding
+    spans other processes' devices too, each process places only its own devices' shards
+    (`jax.make_array_from_callback`), with no cross-process check of the values; an array already
+    laid out over the whole job is resharded by `jax.device_put`. `shardings`: one Sharding for
+    every leaf, or a matching tree.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(_put_leaf, tree, shardings)
+
+
+def _put_leaf(x, sharding):
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):  # its key data, placed alike
+        return jax.random.wrap_key_data(_put_leaf(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x) -> np.ndarray:
+    """The whole of array `x` as numpy, also when its shards live in several processes (then every
+    process of the job must call this: the shards are gathered by a collective)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 # ------------------------------------------------------------------------ Explicit axes

@@ -223,6 +223,8 @@ def finetune(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"mla_jax.finetune: {out} checked")
+    if not lead:  # process 0 speaks for the job
+        log, progress = (lambda *args, **kwargs: None), False
     # Only once the model and the data are known to be good.
     if overwrite and resume is False and is_run(out) and lead:
         _clear_run(out)

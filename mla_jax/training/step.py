@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mla_jax.model import Transformer, layer_runs
 from mla_jax.quant.apply import scheme_of
 from mla_jax.quant.blocks import Quantized
-from mla_jax.parallel.mesh import auto_axes, mesh_of, on_mesh
+from mla_jax.parallel.mesh import auto_axes, mesh_of, on_mesh, put, to_host
 from mla_jax.parallel.rules import batch_axes, param_sharding, replicated
 from mla_jax.training import balance, lora, optim
 from mla_jax.training.config import TrainConfig
@@ -237,8 +237,8 @@ class Trainer:
         # Committed like the step's outputs (and orbax's restores): were some leaves uncommitted,
         # the second step would compile the whole step again.
         if self.mesh is None:
-            return jax.device_put(state, jax.devices()[0])
-        return jax.device_put(state, self.state_shardings(state))
+            return jax.device_put(state, jax.local_devices()[0])
+        return put(state, self.state_shardings(state))
 
     def state_shardings(self, state: dict) -> dict:
         """Where each leaf of a train state lives on the model's mesh: parameters (and the optimizer
@@ -260,14 +260,14 @@ class Trainer:
 
     def place_batch(self, batch: dict) -> dict:
         """Numpy arrays [A,B,T] -> device arrays, split along B like the batch on the model's mesh."""
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
         if self.mesh is None:
-            return batch
+            return {k: jnp.asarray(v) for k, v in batch.items()}
         out = {}
         for k, v in batch.items():
             axes = batch_axes(self.mesh, v.shape[1])
             rows = None if not axes else axes[0] if len(axes) == 1 else axes
-            out[k] = jax.device_put(v, NamedSharding(self.mesh, P(None, rows, *[None] * (v.ndim - 2))))
+            # every process holds the whole batch and places its own devices' rows
+            out[k] = put(v, NamedSharding(self.mesh, P(None, rows, *[None] * (np.ndim(v) - 2))))
         return out
 
     def abstract_state(self) -> dict:
@@ -298,4 +298,4 @@ class Trainer:
         """(state, batch of numpy arrays [A,B,T]) -> (new state, metrics as python numbers). Donates `state`."""
         with on_mesh(self.mesh):
             new_state, metrics = self._step_fn(state, self.frozen, self.place_batch(batch))
-        return new_state, {k: v.item() for k, v in jax.device_get(metrics).items()}
+        return new_state, {k: to_host(v).item() for k, v in metrics.items()}

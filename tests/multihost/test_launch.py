@@ -46,3 +46,36 @@ def test_a_job_past_its_timeout_is_stopped():
     assert [p.rc for p in procs] == [None, None]
     assert [p.out.split(" at ")[0] for p in procs] == ["0 of 2", "1 of 2"]
     assert procs[0].out.split(" at localhost:")[1].strip().isdigit()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "localhost:1234"], r"missing \['--num-processes \(\$MLA_JAX_NUM_PROCESSES\)', "
+                                          r"'--process-id \(\$MLA_JAX_PROCESS_ID\)'\]"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "--coordinator 'localhost': expected HOST:PORT"),
+    (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"], "--process-id 2 with --num-processes 2"),
+])
+def test_an_incomplete_or_wrong_job_is_a_usage_error_naming_the_option(argv, message, monkeypatch):
+    import argparse
+
+    from mla_jax.errors import UsageError
+    from mla_jax.parallel import launch as job
+
+    for name in job.ENV.values():
+        monkeypatch.delenv(name, raising=False)
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    with pytest.raises(UsageError, match=message):
+        job.distributed_settings(parser.parse_args(argv))
+
+
+def test_the_job_comes_from_the_environment_when_no_flag_names_it(monkeypatch):
+    from mla_jax.parallel.launch import settings
+
+    monkeypatch.setenv("MLA_JAX_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("MLA_JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("MLA_JAX_PROCESS_ID", "1")
+    assert settings() == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    assert settings(process_id=0)["process_id"] == 0  # a flag wins over its variable
+    for name in ("MLA_JAX_COORDINATOR", "MLA_JAX_NUM_PROCESSES", "MLA_JAX_PROCESS_ID"):
+        monkeypatch.delenv(name)
+    assert settings() is None  # one process, no job
