@@ -28,6 +28,7 @@ import math
 import sys
 import time
 import types
+import weakref
 from typing import Iterator, Sequence
 
 import jax
@@ -42,6 +43,7 @@ from pallas_kernels.mla_decode import choose_implementation
 from mla_jax import cache as kv
 from mla_jax.attention import expand_keys, join_query, with_decode_layout
 from mla_jax.errors import UsageError, UsageTypeError
+from mla_jax.layers import with_cpu_layout
 from mla_jax.model import Transformer
 from mla_jax.moe import with_expert_layout
 from mla_jax.ops import attention as ops_attention
@@ -337,6 +339,21 @@ def _executable(fn, graphdef, args, statics: dict, out_shardings=None):
     return compiled, time.perf_counter() - start
 
 
+_CPU_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (its arrays, view)
+
+
+def _cpu_view(model: Transformer):
+    """The model in the CPU layouts (see _runs_on_cpu), built once per model and its arrays: the
+    transposed copies take seconds at real sizes, so a second `generate` call reuses them (rebuilt
+    when any of the model's arrays was replaced; dropped with the model)."""
+    arrays = jax.tree.leaves(nnx.state(model))
+    cached = _CPU_VIEWS.get(model)
+    if cached is None or len(cached[0]) != len(arrays) or any(a is not b for a, b in zip(cached[0], arrays)):
+        cached = (arrays, nnx.split(with_cpu_layout(with_expert_layout(with_decode_layout(model)))))
+        _CPU_VIEWS[model] = cached
+    return cached[1]
+
+
 def _runs_on_cpu(model: Transformer) -> bool:
     """Whether the decode step will run on the CPU: $MLA_JAX_PLATFORM if set, else where the weights are.
 
@@ -344,7 +361,8 @@ def _runs_on_cpu(model: Transformer) -> bool:
     head-batched products on every step, as slowly as it reads the rest of the layer's attention
     weights. GPUs transpose them at memory speed and keep the memory (kv_b_proj's size) instead.
     Likewise `with_expert_layout`: XLA:CPU copies each chosen expert out of the stacked experts
-    before multiplying by it; held one array per expert, it is read in place.
+    before multiplying by it; held one array per expert, it is read in place. And `with_cpu_layout`:
+    projections multiply by kernels held [out, in], which XLA:CPU reads at memory speed for a few rows.
     """
     chosen = platform.forced()
     if chosen is not None:
@@ -515,7 +533,7 @@ class Stream:
         self.tokens, self.lengths = tokens, jnp.asarray(lengths, jnp.int32)
         self.vocab_size = config.vocab_size
         if self.mesh is None and _runs_on_cpu(model):  # one device: the CPU decode layout (see _runs_on_cpu)
-            self.graphdef, self.state = nnx.split(with_expert_layout(with_decode_layout(model)))
+            self.graphdef, self.state = _cpu_view(model)
         self.out_shardings = None
         if self.mesh is not None:
             rows = batch_sharding(self.mesh, (b,))

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from mla_jax.attention import MLA
 from mla_jax.config import Config
-from mla_jax.layers import INIT_STD, MLP, Linear, RMSNorm
+from mla_jax.layers import INIT_STD, MLP, Linear, RMSNorm, use_out_in
 from mla_jax.moe import MoE
 from mla_jax.parallel.mesh import auto_axes, leading_spec
 from mla_jax.rope import sin_cos
@@ -207,6 +207,9 @@ class Transformer(nnx.Module):
         h = self.norm(h)
         if self.lm_head is None:
             w = self.embed_tokens[...]
+            return jnp.einsum("BTD,VD->BTV", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        if use_out_in(self.lm_head, h):  # the CPU layout (mla_jax.layers.with_cpu_layout)
+            w = self.lm_head.kernel_out_in[...]
             return jnp.einsum("BTD,VD->BTV", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
         w = self.lm_head.kernel[...]
         return jnp.einsum("BTD,DV->BTV", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
