@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 import threading
 
 
@@ -53,12 +54,38 @@ def raise_interrupt(signum, frame) -> None:
 
     Where an exception would be printed and dropped instead of propagating (inside a garbage
     collector callback, which jax registers, or a `__del__`), the signal is delivered again shortly
-    instead, so that an interruption is never lost.
+    instead, so that an interruption is never lost. Places the frames do not show (a weakref's
+    callback run by the collector) are caught when Python drops the exception (`_install_redelivery`).
     """
     if _swallowing(frame):
-        threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+        _deliver_again(signum)
         return
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    _install_redelivery()
+    error = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    error.mla_jax_signal = signum
+    raise error
+
+
+def _deliver_again(signum) -> None:
+    threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+
+
+def _install_redelivery() -> None:
+    """Chains sys.unraisablehook (what Python calls with an exception it drops) so that an
+    interruption `raise_interrupt` raised and Python dropped is delivered again."""
+    previous = sys.unraisablehook
+    if getattr(previous, "redelivers_interrupts", False):
+        return
+
+    def hook(unraisable) -> None:
+        signum = getattr(unraisable.exc_value, "mla_jax_signal", None)
+        if signum is None:
+            previous(unraisable)
+        else:
+            _deliver_again(signum)
+
+    hook.redelivers_interrupts = True
+    sys.unraisablehook = hook
 
 
 def _swallowing(frame) -> bool:

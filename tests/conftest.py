@@ -48,7 +48,6 @@ def _start_compilation_cache() -> None:
 LONGEST_FIRST = (
     "tests/pallas_kernels/test_mla_decode.py",         # ~250: interpret-mode kernel grid
     "tests/training/test_train_cli_errors.py",         # ~200: CLI subprocesses that train
-    "tests/test_parallel_mesh.py",                     # ~180 (lead's estimate): an 8-device subprocess
     "tests/test_readme.py",                            # ~150: every README snippet
     "tests/training/test_train_gradients.py",          # ~135: four configs against torch autograd
     "tests/training/test_train_cli.py",                # ~130: the 300-step demo, stop and resume
@@ -58,6 +57,7 @@ LONGEST_FIRST = (
     "tests/test_generate_api.py",                      # ~100
     "tests/training/test_train_resume.py",             # ~80
     "tests/test_parity.py",
+    "tests/test_cpu_layout.py",
     "tests/multihost/test_launch.py",                  # jax.distributed processes
     "tests/training/test_train_data.py",               # ~60
     "tests/test_moe_dispatch.py",                      # ~60
@@ -80,7 +80,9 @@ LONGEST_FIRST = (
 # cheaper sibling in the default run that goes through the same code: another parameter of the same
 # test, or the test named in the comment. `pytest -m slow` runs them (they all passed in that run).
 SLOW_BY_COST = (
-    # two processes: tests/multihost/test_launch.py and test_mh_io.py start real two-process jobs
+    # meshes: tests/checkpoints/test_ckpt_load.py (a sharded model's logits, save from a mesh) and the
+    # two-process jobs of tests/multihost/test_launch.py and test_mh_io.py
+    "tests/test_parallel_mesh.py::test_a_combination_matches_one_device",
     "tests/multihost/test_two_processes.py::test_two_processes_load_generate_and_train_as_one_process_and_the_cli_prints_once",
     # MoE dispatch: values on every ragged load pattern stay; gradients on one expert taking all and on
     # empty experts (test_empty_experts_get_zero_weight_gradient)
@@ -114,14 +116,17 @@ SLOW_BY_COST = (
     "tests/test_generate.py::test_greedy_tokens_equal_transformers_generate[v2_lite_like-prefill_chunk=4]",
     "tests/test_generate_api.py::test_top_k_of_one_samples_the_greedy_tokens",  # test_generate_sampling's
     "tests/test_generate_api.py::test_different_seeds_sample_different_tokens",
+    "tests/test_generate_api.py::test_a_pool_just_large_enough_for_the_real_lengths_suffices",  # the page allocator: test_cache.py
     # fine-tuning: the CLI's stop and resume (test_train_cli.py) and its divergence checks stay
     "tests/training/test_train_cli_errors.py::test_stopping_at_once_leaves_a_run_that_resumes[SIGTERM]",
     "tests/training/test_train_cli_errors.py::test_a_run_that_diverged_before_any_checkpoint_restarts_with_overwrite",
+    "tests/training/test_train_cli_errors.py::test_python_finetune_reads_text_with_the_checkpoints_tokenizer",
     "tests/training/test_train_gradients.py::test_cross_entropy_gradients_match_torch_autograd[v2_lite_like]",
     "tests/training/test_train_gradients.py::test_cross_entropy_gradients_match_torch_autograd[v2_bias_tied_plain_rope]",
     "tests/training/test_train_step.py::test_accumulated_gradient_equals_the_whole_batch_gradient",
     # attention: the other masks and block sizes stay
     "tests/test_ops_attention.py::test_blockwise_equals_reference_values_and_gradients[one_document-8]",
+    "tests/test_ops_attention.py::test_blockwise_equals_reference_values_and_gradients[one_document-16]",
     "tests/test_attention.py::test_absorbed_equals_expanded[one_query]",  # the decode parity tests
     "tests/checkpoints/test_ckpt_fp8.py::test_fp8_weights_convert_to_deepseeks_dequantization[float32_scales-bfloat16]",
 )

@@ -7,6 +7,7 @@ import gc
 import os
 import signal
 import time
+import weakref
 
 import pytest
 
@@ -121,6 +122,29 @@ def test_a_signal_that_lands_in_a_gc_callback_is_not_lost():
             gc.callbacks.remove(callback)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_a_signal_that_lands_in_a_weakref_callback_is_not_lost():
+    # The collector runs weakref callbacks (a WeakKeyDictionary's clean-up) and drops what they raise;
+    # no frame shows it, so the dropped interruption is delivered again (sys.unraisablehook).
+    class Thing:
+        pass
+
+    def callback(_):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs here, inside the weakref callback
+
+    previous = cli._install_signal_handlers()
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    try:
+        with pytest.raises(Terminated):
+            del thing  # the callback runs now, and its Terminated is dropped
+            time.sleep(5)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert ref() is None
 
 
 # ---------------------------------------------------------------------------- generate's options

@@ -7,6 +7,7 @@ transformers, tests/test_generate_api.py) decode through it.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mla_jax import Config, Transformer
@@ -27,8 +28,12 @@ def projections(model):
     return [m for _, m in nnx.iter_graph(model) if type(m) in (Linear, OutProj)]
 
 
-def test_every_float32_projection_gets_its_kernel_output_first_and_the_model_is_left_alone():
-    model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(CONFIG, rngs=nnx.Rngs(0))
+
+
+def test_every_float32_projection_gets_its_kernel_output_first_and_the_model_is_left_alone(model):
     view = with_cpu_layout(model)
     assert all(m.kernel_out_in is None for m in projections(model))
     for m in projections(view):
@@ -41,8 +46,7 @@ def test_every_float32_projection_gets_its_kernel_output_first_and_the_model_is_
     assert stacked, "the scanned MoE layers' projections carry a leading layer axis"
 
 
-def test_the_view_computes_the_same_logits_in_every_attention_form():
-    model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+def test_the_view_computes_the_same_logits_in_every_attention_form(model):
     view = with_cpu_layout(model)
     tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, CONFIG.vocab_size)
     for form in ("expanded", "absorbed"):
