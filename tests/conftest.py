@@ -108,7 +108,7 @@ SLOW_BY_COST = (
     *(f"tests/test_parity.py::test_in_memory_torch_state_dict_loads_the_same_model[{c}]" for c in (
         "v2_bias_tied_plain_rope", "v2_like_group_limited_yarn", "v3_unequal_mscale", "v2_yarn_no_mscale_all_dim",
         "v3_top1_attention_factor")),
-    # generation: page sizes 5 (pages cross every few tokens) and chunked prefill stay
+    # generation: page size 5 (pages cross every few tokens, V3-like model) and chunked prefill stay
     "tests/test_generate.py::test_cached_logits_equal_full_recompute_at_every_step[v2_lite_like-page_size=1]",
     "tests/test_generate.py::test_cached_logits_equal_full_recompute_at_every_step[v2_lite_like-page_size=64]",
     "tests/test_generate.py::test_cached_logits_equal_full_recompute_at_every_step[v3_like_noaux_tc_yarn-page_size=1]",
@@ -129,6 +129,11 @@ SLOW_BY_COST = (
     "tests/test_ops_attention.py::test_blockwise_equals_reference_values_and_gradients[one_document-16]",
     "tests/test_attention.py::test_absorbed_equals_expanded[one_query]",  # the decode parity tests
     "tests/checkpoints/test_ckpt_fp8.py::test_fp8_weights_convert_to_deepseeks_dequantization[float32_scales-bfloat16]",
+    # added after the run of 2026-11-30 21:17 (1,361 s, still over the budget); not yet timed without them
+    "tests/test_cpu_layout.py::test_quantized_and_bfloat16_kernels_keep_their_one_layout",  # its float32 siblings
+    "tests/training/test_train_gradients.py::test_cross_entropy_gradients_match_torch_autograd[v3_no_interleave_no_q_lora]",
+    "tests/checkpoints/test_ckpt_fp8_kept.py::test_greedy_generation_is_identical",  # its logits test
+    "tests/test_generate.py::test_cached_logits_equal_full_recompute_at_every_step[v2_lite_like-page_size=5]",
 )
 
 
