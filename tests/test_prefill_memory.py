@@ -4,7 +4,9 @@ DeepSeek-V2-Lite 32K-token chunked prefill compiled for an H100 fits 8 GiB of te
 The tiny model's config with max_position_embeddings raised to 32K; caches for 4K- and 16K-token
 prompts. The compiled chunk step (2,048 tokens) needs the same temporaries for both, and its
 arguments differ by exactly the cache's bytes, donated and updated in place. The slow test prefills
-both prompts for real and compares the process's peak memory growth beyond the cache.
+both prompts for real, a few times each: the process's peak memory growth beyond the cache stays
+under the step's temporaries plus a fixed slack at both lengths (bench/prefill_memory.py says how
+it is measured and why the least of a length's runs).
 """
 
 import dataclasses
@@ -17,7 +19,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from prefill_memory import CHUNK, abstract_cache, analysis, h100_chunk_step, h100_device, nbytes, run_child, tiny_long_config  # noqa: E402
+from prefill_memory import (CHUNK, MIB, REPEATS, abstract_cache, analysis, bound_beyond_cache,  # noqa: E402
+                            h100_chunk_step, h100_device, least_beyond_cache, nbytes, run_child, tiny_long_config)
 
 from mla_jax import Config  # noqa: E402
 from mla_jax.generate import lower_prefill_chunk  # noqa: E402
@@ -39,10 +42,15 @@ def test_chunk_step_temporaries_do_not_grow_with_the_cache():
 
 @pytest.mark.slow
 def test_prefilling_16k_tokens_grows_peak_memory_by_the_cache_plus_a_constant():
-    results = {n: run_child(n) for n in (4096, 16384)}
-    beyond = {n: r["peak_growth_minus_cache_bytes"] for n, r in results.items()}
-    assert results[16384]["cache_bytes"] > 3 * results[4096]["cache_bytes"]
-    assert abs(beyond[16384] - beyond[4096]) < 8 * 2 ** 20, beyond
+    runs = [run_child(n) for n in (4096, 16384) for _ in range(REPEATS)]
+    bound = bound_beyond_cache(runs)  # the step's temporaries (equal at both lengths) + slack
+    least = least_beyond_cache(runs)
+    cache = {r["prompt_tokens"]: r["cache_bytes"] for r in runs}
+    assert cache[16384] > 3 * cache[4096]
+    assert all(r["peak_rss_growth_bytes"] >= r["cache_bytes"] for r in runs), runs  # the cache is seen
+    assert max(least.values()) <= bound, (least, bound)
+    # a second copy of the 16K cache would add 3.4 MiB more than one of the 4K cache
+    assert least[16384] - least[4096] < 2 * MIB, least
 
 
 @pytest.fixture(scope="module")

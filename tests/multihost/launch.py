@@ -56,6 +56,13 @@ class JobFailed(AssertionError):
         self.procs = procs
 
 
+def host_device_flags(count: int) -> str:
+    """XLA_FLAGS with `count` host devices and this process's other XLA flags (the test run's)."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([f"--xla_force_host_platform_device_count={count}", *kept])
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (the coordinator binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -86,7 +93,7 @@ def launch(command: Sequence[str], *, num_processes: int = 2, devices_per_proces
                 args = [a.format(**job, process_id=i) for a in command]
                 if python:
                     args = [sys.executable, *args]
-                extra = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+                extra = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": host_device_flags(devices_per_process),
                          **(env or {})}
                 if via_env:
                     extra |= {"MLA_JAX_COORDINATOR": coordinator, "MLA_JAX_NUM_PROCESSES": str(num_processes),
