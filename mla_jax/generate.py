@@ -396,7 +396,7 @@ def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size
     stop = jax.ShapeDtypeStruct((1,), jnp.int32)
     args = (state, cache, tokens, done, key, stop)
     if place is None:
-        single = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+        single = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: single, args)
     else:
         shardings = place(args)
@@ -408,12 +408,12 @@ def lower_decode_step(model: Transformer, batch: int, context: int, *, page_size
 def lower_prefill_chunk(model: Transformer, cache: kv.PagedCache, chunk: int, *, sampling: Sampling = Sampling(),
                         block: int | None = None, device: jax.Device | None = None) -> jax.stages.Lowered:
     """The prefill chunk step for a batch of the cache's width and `chunk` prompt tokens, lowered
-    without allocating anything: `model` and `cache` may be abstract (`mla_jax.weights.abstract_model`,
-    `jax.eval_shape`) and `device` a GPU topology device on a machine without a GPU
-    (../shared/GPU_AOT.md). `.compile()` it to see what one step needs (`memory_analysis()`)."""
+    without allocating anything, for `device` (default: this process's first): `model` and `cache` may
+    be abstract (`mla_jax.weights.abstract_model`, `jax.eval_shape`) and `device` a GPU topology
+    device on a machine without a GPU (../shared/GPU_AOT.md). `.compile()` it to see what one step needs (`memory_analysis()`)."""
     graphdef, state = nnx.split(model)
     b = cache.block_table.shape[0]
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
 
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

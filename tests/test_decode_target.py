@@ -60,3 +60,17 @@ def test_compiled_for_the_cpu_the_step_has_no_kernel(unforced):
 def test_compiled_for_an_h100_from_this_cpu_process_the_step_uses_the_kernel(unforced, cache_dtype):
     assert jax.default_backend() == "cpu"
     assert has_mosaic_kernel(sm90_report.h100_device(), cache_dtype)
+
+
+def test_by_default_both_steps_are_lowered_for_this_process_s_first_device(monkeypatch, unforced):
+    """In a job of several processes jax.devices()[0] belongs to process 0; each process lowers for its own."""
+    from mla_jax import cache as kv
+    from mla_jax.generate import lower_prefill_chunk
+
+    own = jax.devices()[2]
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [own])
+    model = abstract_model(CONFIG, jnp.float32)
+    cache = jax.eval_shape(lambda: kv.init_cache(CONFIG, 4, 1, 4, page_size=PAGE))
+    for lowered in (lower_decode_step(model, 1, 64, page_size=PAGE), lower_prefill_chunk(model, cache, 32)):
+        shardings = jax.tree.leaves(lowered.compile().input_shardings)
+        assert shardings and {d for s in shardings for d in s.device_set} == {own}
