@@ -27,7 +27,7 @@ _BOOKKEEPING_KEYS = frozenset({
     "output_hidden_states", "problem_type", "return_dict", "transformers_version", "use_cache",
     "initializer_range", "pretraining_tp", "output_router_logits", "router_aux_loss_coef",
     "aux_loss_alpha", "seq_aux", "ep_size", "quantization_config", "head_dim", "qk_head_dim",
-    "rope_scaling", "rope_theta", "rope_parameters", "num_key_value_heads", "hidden_act",
+    "rope_scaling", "rope_theta", "rope_parameters", "num_key_value_heads",
     "partial_rotary_factor", "attention_dropout", "_attn_implementation_autoset",
     "num_mtp_layers", "num_local_experts", "num_experts", "tokenizer_class",
     "use_sliding_window", "sliding_window", "max_window_layers",
@@ -95,6 +95,7 @@ class Config:
     rms_norm_eps: float
     attention_bias: bool = False
     mlp_bias: bool = False
+    hidden_act: str = "silu"  # the gated feed-forward's activation (mla_jax/ops/activations.py)
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 0
     bos_token_id: int | None = None
@@ -186,7 +187,6 @@ class Config:
         rs = d.pop("rope_scaling")
         arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
         out: dict[str, Any] = {"architectures": [arch], **d}
-        out["hidden_act"] = "silu"
         out["num_key_value_heads"] = self.num_attention_heads
         if isinstance(self.eos_token_id, tuple):
             out["eos_token_id"] = list(self.eos_token_id)
@@ -241,8 +241,11 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if raw.get(k) is None]
     if missing:
         raise ConfigError(f"required field(s) {missing} missing")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act={raw['hidden_act']!r} is not supported; expected 'silu'")
+    from mla_jax.ops.activations import ACTIVATIONS
+
+    act = raw.get("hidden_act")
+    if act is not None and (not isinstance(act, str) or act not in ACTIVATIONS):
+        raise ConfigError(f"hidden_act={act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
     kv_heads = raw.get("num_key_value_heads")
     if kv_heads is not None and kv_heads != raw["num_attention_heads"]:
         raise ConfigError(

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mla_jax.ops.activations import activation
 from mla_jax.quant.blocks import Quantized, dequantize
 
 INIT_STD = 0.02
@@ -142,17 +143,20 @@ class RMSNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), SwiGLU with every DeepSeek release's
+    act="silu" (mla_jax/ops/activations.py). Dense layers and shared experts."""
 
-    def __init__(self, dim: int, hidden: int, *, bias: bool = False, param_dtype=jnp.float32,
+    def __init__(self, dim: int, hidden: int, *, bias: bool = False, act: str = "silu", param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
+        activation(act)  # an unknown name fails at construction
+        self.act = act
         kw = dict(bias=bias, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Linear(dim, hidden, **kw)
         self.up_proj = Linear(dim, hidden, **kw)
         self.down_proj = Linear(hidden, dim, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
 
 
 def param_count(tree) -> int:

@@ -120,7 +120,8 @@ class DecoderLayer(nnx.Module):
         if moe:
             self.mlp = MoE(c, param_dtype=param_dtype, rngs=rngs)
         else:
-            self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, act=c.hidden_act,
+                           param_dtype=param_dtype, rngs=rngs)
 
     @property
     def is_moe(self) -> bool:

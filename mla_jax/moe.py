@@ -93,7 +93,7 @@ def route(logits: jax.Array, config: Config, bias: jax.Array | None = None) -> R
     return Routing(weights, experts.astype(jnp.int32), scores)
 
 
-def dispatch(x, routing: Routing, w_gate, w_up, w_down, *, implementation: str | None = None):
+def dispatch(x, routing: Routing, w_gate, w_up, w_down, *, implementation: str | None = None, act: str = "silu"):
     """Dropless expert computation. x [M,D]; w_gate, w_up [E,D,F]; w_down [E,F,D] -> [M,D].
 
     The weights may be quantized (`mla_jax.quant.Blocked`): they stay so until each expert's turn.
@@ -101,12 +101,12 @@ def dispatch(x, routing: Routing, w_gate, w_up, w_down, *, implementation: str |
     The grouped-matmul implementation follows the compile target (mla_jax/ops/moe_dispatch.py).
     """
     return moe_dispatch.dispatch(x, routing.weights, routing.experts, w_gate, w_up, w_down,
-                                 implementation=implementation)
+                                 implementation=implementation, act=act)
 
 
-def dispatch_reference(x, routing: Routing, w_gate, w_up, w_down):
+def dispatch_reference(x, routing: Routing, w_gate, w_up, w_down, *, act: str = "silu"):
     """Every expert on every token, combined with a dense [M,E] weight matrix. For tests only."""
-    return moe_dispatch.dispatch_reference(x, routing.weights, routing.experts, w_gate, w_up, w_down)
+    return moe_dispatch.dispatch_reference(x, routing.weights, routing.experts, w_gate, w_up, w_down, act=act)
 
 
 def expert_load(routing: Routing, n_experts: int) -> jax.Array:
@@ -189,7 +189,8 @@ class MoE(nnx.Module):
         )
         self.experts = Experts(e, d, c.moe_intermediate_size, param_dtype=param_dtype, rngs=rngs)
         self.shared_experts = (
-            MLP(d, c.moe_intermediate_size * c.n_shared_experts, bias=c.mlp_bias, param_dtype=param_dtype, rngs=rngs)
+            MLP(d, c.moe_intermediate_size * c.n_shared_experts, bias=c.mlp_bias, act=c.hidden_act,
+                param_dtype=param_dtype, rngs=rngs)
             if c.n_shared_experts > 0 else None
         )
 
@@ -209,9 +210,10 @@ class MoE(nnx.Module):
         r = self.routing(flat)
         weights = self.experts.weights()
         if reference:
-            y = dispatch_reference(flat, r, *weights)
+            y = dispatch_reference(flat, r, *weights, act=self.config.hidden_act)
         else:  # on a mesh with an `expert` axis the routed experts run split over it (mla_jax.parallel.experts)
-            y = sharded_dispatch(dispatch, flat, r, *weights, implementation=implementation)
+            y = sharded_dispatch(dispatch, flat, r, *weights, implementation=implementation,
+                                 act=self.config.hidden_act)
         y = y.astype(x.dtype).reshape(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -26,7 +26,8 @@ _YARN_V3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 
 # name -> (model_type, overrides). Together: q_lora on/off, greedy / group_limited_greedy / noaux_tc,
 # softmax / sigmoid, norm_topk_prob on/off, routed scaling, YaRN (mscale equal / unequal / absent /
 # attention_factor), linear and plain RoPE, rope_interleave off, attention_bias, mlp_bias, tied
-# embeddings, first_k_dense_replace 0/1/2, shared experts 0/1/2, top-1 routing.
+# embeddings, first_k_dense_replace 0/1/2, shared experts 0/1/2, top-1 routing, hidden_act silu / gelu
+# (transformers' own test configs) / gelu_pytorch_tanh.
 TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "v2_lite_like": ("deepseek_v2", dict(
         q_lora_rank=None, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
@@ -38,7 +39,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "v2_bias_tied_plain_rope": ("deepseek_v2", dict(
         n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=0,
         attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rope_theta=500.0,
-        routed_scaling_factor=0.5)),
+        routed_scaling_factor=0.5, hidden_act="gelu")),
     "v2_yarn_no_mscale_all_dim": ("deepseek_v2", dict(
         q_lora_rank=None, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=1,
         first_k_dense_replace=2, rope_scaling={"type": "yarn", "factor": 4.0,
@@ -57,7 +58,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
         rope_scaling={"type": "linear", "factor": 2.0})),
     "v3_top1_attention_factor": ("deepseek_v3", dict(
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=1, first_k_dense_replace=1,
-        n_group=4, topk_group=4, norm_topk_prob=True, tie_word_embeddings=True,
+        n_group=4, topk_group=4, norm_topk_prob=True, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh",
         rope_scaling={**_YARN_V3, "attention_factor": 0.9})),
 }
 

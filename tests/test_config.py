@@ -72,7 +72,8 @@ def _v3(**changes):
 @pytest.mark.parametrize("changes, message", [
     ({"model_type": "llama"}, "model_type='llama' is not supported"),
     ({"some_new_switch": True}, r"unsupported config field\(s\) \['some_new_switch'\]"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"hidden_act": "gelu_10"}, r"hidden_act='gelu_10' is not supported; expected one of \['gelu', "),
+    ({"hidden_act": ["silu"]}, r"hidden_act=\['silu'\] is not supported"),
     ({"num_key_value_heads": 8}, "num_key_value_heads=8 must equal num_attention_heads=128"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "low_freq_factor": 1}}, r"unsupported rope_scaling field\(s\) \['low_freq_factor'\]"),

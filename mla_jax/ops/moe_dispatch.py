@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mla_jax.ops import platform
+from mla_jax.ops.activations import activation
 from mla_jax.quant.blocks import Blocked, index, materialize
 
 # Row tiles of the loop form: whole tiles of BIG rows, then SMALL-row tiles, and an expert's last
@@ -61,7 +62,7 @@ MAX_ROWS = 65536
 
 
 def dispatch(x, weights, experts, w_gate, w_up, w_down, *, implementation: str | None = None,
-             max_rows: int = MAX_ROWS):
+             max_rows: int = MAX_ROWS, act: str = "silu"):
     """Dropless routed experts. x [M,D]; weights [M,K] (float32), experts [M,K] int;
     w_gate, w_up [E,D,F]; w_down [E,F,D] -> [M,D] in the weights' dtype.
 
@@ -69,8 +70,10 @@ def dispatch(x, weights, experts, w_gate, w_up, w_down, *, implementation: str |
     module doc), served by the loops whatever the platform.
 
     `implementation` ("tokamax" | "loops" | "ragged_dot") overrides the platform's choice; tests use it.
-    Batches of more than `max_rows` pair rows run forward in token chunks.
+    Batches of more than `max_rows` pair rows run forward in token chunks. `act`: the config's
+    `hidden_act` (mla_jax/ops/activations.py), applied to the gate projection.
     """
+    activation(act)  # an unknown name fails here, before anything is traced
     m, k = experts.shape
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS} or None")
@@ -78,12 +81,12 @@ def dispatch(x, weights, experts, w_gate, w_up, w_down, *, implementation: str |
         raise ValueError(f"implementation={implementation!r}: experts held one array per expert run only "
                          f"in the loops (implementation='loops' or None)")
     if m * k <= max_rows:
-        return _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation)
+        return _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation, act)
     return _chunked(x, weights, experts.astype(jnp.int32), w_gate, w_up, w_down, implementation,
-                    max(1, max_rows // k))
+                    max(1, max_rows // k), act)
 
 
-def _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation):
+def _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation, act):
     """All M tokens in one piece."""
     m, k = experts.shape
     n_experts = len(w_gate) if isinstance(w_gate, tuple) else w_gate.shape[0]
@@ -93,14 +96,14 @@ def _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation):
     group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)  # [E]
     xs = x[token].astype(_dtype(w_gate))  # [P,D], expert-major
     gmm = functools.partial(grouped_matmul, implementation=implementation)
-    h = jax.nn.silu(gmm(xs, w_gate, group_sizes)) * gmm(xs, w_up, group_sizes)  # [P,F]
+    h = activation(act)(gmm(xs, w_gate, group_sizes)) * gmm(xs, w_up, group_sizes)  # [P,F]
     ys = gmm(h, w_down, group_sizes)  # [P,D]
     ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
     return jnp.zeros((m, x.shape[-1]), ys.dtype).at[token].add(ys)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _chunked(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_tokens):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _chunked(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_tokens, act):
     """Forward in chunks of `chunk_tokens` tokens (memory bounded); gradients as `_dispatch`'s."""
     m, k = experts.shape
     n = -(-m // chunk_tokens)
@@ -110,22 +113,22 @@ def _chunked(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_to
         return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(n, chunk_tokens, *a.shape[1:])
 
     def one(chunk):
-        return _dispatch(*chunk, w_gate, w_up, w_down, implementation)
+        return _dispatch(*chunk, w_gate, w_up, w_down, implementation, act)
 
     y = lax.map(one, (split(x), split(weights), split(experts)))  # [n, chunk, D]
     return y.reshape(n * chunk_tokens, -1)[:m]
 
 
-def _chunked_fwd(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_tokens):
-    y = _chunked(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_tokens)
+def _chunked_fwd(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_tokens, act):
+    y = _chunked(x, weights, experts, w_gate, w_up, w_down, implementation, chunk_tokens, act)
     return y, (x, weights, experts, w_gate, w_up, w_down)
 
 
-def _chunked_bwd(implementation, chunk_tokens, res, dy):
+def _chunked_bwd(implementation, chunk_tokens, act, res, dy):
     x, weights, experts, w_gate, w_up, w_down = res
 
     def whole(x, weights, w_gate, w_up, w_down):
-        return _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation)
+        return _dispatch(x, weights, experts, w_gate, w_up, w_down, implementation, act)
 
     _, vjp = jax.vjp(whole, x, weights, w_gate, w_up, w_down)
     dx, dweights, dgate, dup, ddown = vjp(dy)
@@ -135,11 +138,11 @@ def _chunked_bwd(implementation, chunk_tokens, res, dy):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def dispatch_reference(x, weights, experts, w_gate, w_up, w_down):
+def dispatch_reference(x, weights, experts, w_gate, w_up, w_down, *, act: str = "silu"):
     """Every expert on every token, combined with a dense [M,E] weight matrix. For tests only."""
     m, _ = experts.shape
     w_gate, w_up, w_down = (jnp.stack(w) if isinstance(w, tuple) else materialize(w) for w in (w_gate, w_up, w_down))
-    h = jax.nn.silu(jnp.einsum("MD,EDF->MEF", x, w_gate)) * jnp.einsum("MD,EDF->MEF", x, w_up)
+    h = activation(act)(jnp.einsum("MD,EDF->MEF", x, w_gate)) * jnp.einsum("MD,EDF->MEF", x, w_up)
     y = jnp.einsum("MEF,EFD->MED", h, w_down)
     combine = jnp.zeros((m, w_gate.shape[0]), jnp.float32)
     combine = combine.at[jnp.arange(m)[:, None], experts].add(weights)
