@@ -15,6 +15,7 @@ sibling variable `<kernel>_scale_inv`. `entries(config, with_scales=True)` lists
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Iterator
 
@@ -137,6 +138,18 @@ def is_mtp(hf_name: str, config: Config) -> bool:
     """Tensors of DeepSeek's multi-token-prediction module (layers numbered past the last one)."""
     layer = layer_of(hf_name)
     return layer is not None and layer >= config.num_hidden_layers
+
+
+def placeholder_kind(hf_name: str, shape: tuple[int, ...], config: Config) -> str | None:
+    """What transformers writes for shared experts a config turns off (n_shared_experts=0): an MLP
+    of width 0, so zero-element weights ("empty"), and with mlp_bias a down_proj bias of the hidden
+    size, which that MLP still adds ("bias": harmless only if all zeros; the caller looks). None for
+    any other tensor."""
+    if math.prod(shape) == 0:
+        return "empty"
+    if config.n_shared_experts == 0 and hf_name.endswith(".mlp.shared_experts.down_proj.bias"):
+        return "bias"
+    return None
 
 
 def to_ours(entry: Entry, tensor: np.ndarray, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:

@@ -41,7 +41,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
         attention_bias=True, mlp_bias=True, tie_word_embeddings=True, rope_theta=500.0,
         routed_scaling_factor=0.5, hidden_act="gelu")),
     "v2_yarn_no_mscale_all_dim": ("deepseek_v2", dict(
-        q_lora_rank=None, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=1,
+        q_lora_rank=None, n_routed_experts=4, n_shared_experts=0, num_experts_per_tok=1,
         first_k_dense_replace=2, rope_scaling={"type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 32})),
     "v3_like_noaux_tc_yarn": ("deepseek_v3", dict(
