@@ -163,18 +163,13 @@ def check_tensors(config: Config, source: Source, model, config_path: str, decla
             )
     known = {e.hf for e in expected}
     mtp = [n for n in refs if n not in known and names.is_mtp(n, config)]
-    # transformers writes placeholders for shared experts a config turns off (names.placeholder_kind).
     unexpected = []
-    for n in sorted(refs):
-        if n in known or n in mtp:
-            continue
-        kind = names.placeholder_kind(n, tuple(refs[n].shape), config)
-        if kind == "bias" and np.any(source.read(n)):
-            raise store.CheckpointError(
-                f"{refs[n].file}: tensor {n!r} is not zero, but {config_path} has n_shared_experts=0: "
-                "transformers adds it to every MoE layer's output, and this model has no shared experts to carry it")
-        if kind is None:
-            unexpected.append(n)
+    for n in sorted(set(refs) - known - set(mtp)):
+        try:  # transformers writes placeholders for shared experts a config turns off
+            if not names.is_placeholder(n, tuple(refs[n].shape), config, lambda n=n: source.read(n)):
+                unexpected.append(n)
+        except ValueError as e:
+            raise store.CheckpointError(f"{refs[n].file}: {e} ({config_path})") from None
     if unexpected:
         raise store.CheckpointError(
             f"{source.directory}: {len(unexpected)} unexpected tensor(s) that {config_path} does not "

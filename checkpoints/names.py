@@ -140,16 +140,20 @@ def is_mtp(hf_name: str, config: Config) -> bool:
     return layer is not None and layer >= config.num_hidden_layers
 
 
-def placeholder_kind(hf_name: str, shape: tuple[int, ...], config: Config) -> str | None:
-    """What transformers writes for shared experts a config turns off (n_shared_experts=0): an MLP
-    of width 0, so zero-element weights ("empty"), and with mlp_bias a down_proj bias of the hidden
-    size, which that MLP still adds ("bias": harmless only if all zeros; the caller looks). None for
-    any other tensor."""
+def is_placeholder(hf_name: str, shape: tuple[int, ...], config: Config, values) -> bool:
+    """Whether a tensor no entry names is what transformers writes for shared experts a config
+    turns off (n_shared_experts=0): an MLP of width 0, so zero-element weights, and with mlp_bias a
+    down_proj bias of the hidden size, which that MLP still adds to every MoE layer's output. Such a
+    bias is harmless only if it is all zeros: `values()` reads it, and a non-zero one is a ValueError
+    naming it (this model has no shared experts to carry it)."""
     if math.prod(shape) == 0:
-        return "empty"
+        return True
     if config.n_shared_experts == 0 and hf_name.endswith(".mlp.shared_experts.down_proj.bias"):
-        return "bias"
-    return None
+        if np.any(values()):
+            raise ValueError(f"tensor {hf_name!r} is not zero, but n_shared_experts=0: transformers adds it to every "
+                             "MoE layer's output, and this model has no shared experts to carry it")
+        return True
+    return False
 
 
 def to_ours(entry: Entry, tensor: np.ndarray, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:

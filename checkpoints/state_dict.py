@@ -128,16 +128,8 @@ def load_state_dict(
         if not np.array_equal(_as_numpy(tensors["lm_head.weight"]), _as_numpy(tensors["model.embed_tokens.weight"])):
             raise ValueError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings is true")
         used.add("lm_head.weight")
-    unexpected = []
-    for k in sorted(tensors):
-        if k in used or names.is_mtp(k, config):
-            continue
-        kind = names.placeholder_kind(k, tuple(tensors[k].shape), config)
-        if kind == "bias" and np.any(_as_numpy(tensors[k])):
-            raise ValueError(f"{k} is not zero, but n_shared_experts=0: transformers adds it to every MoE layer's "
-                             "output, and this model has no shared experts to carry it")
-        if kind is None:
-            unexpected.append(k)
+    unexpected = sorted(k for k in tensors if k not in used and not names.is_mtp(k, config) and not
+                        names.is_placeholder(k, tuple(tensors[k].shape), config, lambda k=k: _as_numpy(tensors[k])))
     if unexpected:
         raise KeyError(f"unexpected tensor(s) in the state dict: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     return model

@@ -410,7 +410,8 @@ def lower_prefill_chunk(model: Transformer, cache: kv.PagedCache, chunk: int, *,
     """The prefill chunk step for a batch of the cache's width and `chunk` prompt tokens, lowered
     without allocating anything, for `device` (default: this process's first): `model` and `cache` may
     be abstract (`mla_jax.weights.abstract_model`, `jax.eval_shape`) and `device` a GPU topology
-    device on a machine without a GPU (../shared/GPU_AOT.md). `.compile()` it to see what one step needs (`memory_analysis()`)."""
+    device on a machine without a GPU (../shared/GPU_AOT.md). `.compile()` it to see what one step
+    needs (`memory_analysis()`)."""
     graphdef, state = nnx.split(model)
     b = cache.block_table.shape[0]
     sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])

@@ -18,6 +18,10 @@ def _relu2(x):
     return r * r
 
 
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
 def _quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
@@ -26,9 +30,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # erf form
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh form
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": _gelu_tanh,  # three names for the tanh form
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
     "quick_gelu": _quick_gelu,
     "relu": jax.nn.relu,
     "relu2": _relu2,
